@@ -1,0 +1,1 @@
+"""Diffusion maths: DDIM steps with log-probabilities, classifier-free guidance, sampling."""

@@ -1,0 +1,1 @@
+"""Networks: loading the diffusion model, the step-aware preference model."""
