@@ -6,7 +6,8 @@ same interface on MLflow with one parent run per pipeline run and a nested run p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,6 +23,10 @@ class Tracker(Protocol):
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None: ...
 
+    def child(self, name: str) -> AbstractContextManager[Tracker]:
+        """A tracker for one part of a stage (MLflow: a nested run), e.g. each model an eval compares."""
+        ...
+
 
 class MemoryTracker:
     """A Tracker that records calls; `metrics[name]` is a list of (step, value)."""
@@ -31,6 +36,7 @@ class MemoryTracker:
         self.metrics: dict[str, list[tuple[int | None, float]]] = {}
         self.images: dict[str, Image.Image] = {}
         self.artifacts: list[tuple[str, str | None]] = []
+        self.children: dict[str, MemoryTracker] = {}
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         self.params.update(params)
@@ -44,6 +50,10 @@ class MemoryTracker:
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         self.artifacts.append((str(local_path), artifact_path))
+
+    @contextmanager
+    def child(self, name: str) -> Iterator[MemoryTracker]:
+        yield self.children.setdefault(name, MemoryTracker())
 
     def last(self, name: str) -> float:
         return self.metrics[name][-1][1]

@@ -44,6 +44,18 @@ def _alpha_bar(scheduler: DDIMScheduler, timesteps: torch.Tensor, like: torch.Te
     return out.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
 
+def predict_x0(scheduler: DDIMScheduler, noise_pred: torch.Tensor, timesteps: torch.Tensor,
+               latents_t: torch.Tensor) -> torch.Tensor:
+    """x̂_0 = (x_t − sqrt(1−ᾱ_t)·ε̂) / sqrt(ᾱ_t), clipped like diffusers when the config asks."""
+    timesteps = timesteps.expand(latents_t.shape[0]) if timesteps.ndim == 0 else timesteps
+    alpha_bar_t = _alpha_bar(scheduler, timesteps, latents_t)
+    x0_pred = (latents_t - (1 - alpha_bar_t).sqrt() * noise_pred) / alpha_bar_t.sqrt()
+    if scheduler.config.clip_sample:
+        r = scheduler.config.clip_sample_range
+        x0_pred = x0_pred.clamp(-r, r)
+    return x0_pred
+
+
 def ddim_step(scheduler: DDIMScheduler, noise_pred: torch.Tensor, timesteps: torch.Tensor,
               latents_t: torch.Tensor, eta: float) -> DDIMStep:
     """Mean and σ of p_θ(x_{t-1} | x_t) for a batch; `timesteps` is (N,) (may differ per sample)."""
@@ -52,10 +64,7 @@ def ddim_step(scheduler: DDIMScheduler, noise_pred: torch.Tensor, timesteps: tor
     timesteps = timesteps.expand(latents_t.shape[0]) if timesteps.ndim == 0 else timesteps
     alpha_bar_t = _alpha_bar(scheduler, timesteps, latents_t)
     alpha_bar_prev = _alpha_bar(scheduler, previous_timestep(scheduler, timesteps), latents_t)
-    x0_pred = (latents_t - (1 - alpha_bar_t).sqrt() * noise_pred) / alpha_bar_t.sqrt()
-    if scheduler.config.clip_sample:
-        r = scheduler.config.clip_sample_range
-        x0_pred = x0_pred.clamp(-r, r)
+    x0_pred = predict_x0(scheduler, noise_pred, timesteps, latents_t)
     variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
     sigma = eta * variance.clamp(min=0).sqrt()
     direction = (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * noise_pred
