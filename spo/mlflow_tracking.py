@@ -1,14 +1,287 @@
-"""MLflow implementation of Tracker (placeholder: to be completed with parent/nested runs)."""
+"""MLflow implementation of Tracker: one parent run per pipeline run, one nested run per stage.
+
+Which parent a stage nests under:
+1. `SPO_PARENT_RUN_ID` when set (the KFP pipeline's first step creates it; wrappers may set it too);
+2. else, under `dvc repro`, the RUNNING parent tagged with that `dvc` process's session key
+   (host:pid:start time), created by the first stage of the invocation;
+3. else a standalone parent for this one stage.
+The last stage (`register`) ends the parent; a failing stage marks its nested run and the parent FAILED.
+Secrets (tracking passwords/tokens, HF_TOKEN) are never written as params or tags.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+import os
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
-from spo.config import Config
-from spo.tracking import MemoryTracker, Tracker
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from PIL import Image
+
+from spo.config import Config, flat_params
+from spo.stages import STAGES
+
+PARENT_RUN_ENV = "SPO_PARENT_RUN_ID"
+SESSION_TAG = "spo.session"
+STAGE_TAG = "spo.stage"
+PARENT_RUN_NAME = "pipeline"
+SECRET_ENV_VARS = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "HF_TOKEN",
+                   "HUGGING_FACE_HUB_TOKEN", "KFP_TOKEN")
+# a key whose last dotted part is, or ends in `_`, one of these (hf_token, login.password; not tokenizer)
+SECRET_KEY_PATTERN = re.compile(r"(^|_)(password|passwd|secret|token|api_key|apikey|access_key)$", re.IGNORECASE)
+REDACTED = "***"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else `mlflow.db` in the current dir (MLflow 3 refuses the file store)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def redact(items: Mapping[str, Any]) -> dict[str, str]:
+    """Drop secret-looking keys and mask values equal to a secret from the environment."""
+    secrets = {os.environ[name] for name in SECRET_ENV_VARS if os.environ.get(name)}
+    out = {}
+    for key, value in items.items():
+        if SECRET_KEY_PATTERN.search(key.rsplit(".", 1)[-1]):
+            continue
+        text = str(value)
+        out[key] = REDACTED if text in secrets or any(s in text for s in secrets) else text
+    return out
+
+
+def flat_metrics(result: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The finite numbers of a (nested) result dict, keys joined with dots; everything else is skipped."""
+    out: dict[str, float] = {}
+    for key, value in result.items():
+        if isinstance(value, Mapping):
+            out.update(flat_metrics(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+class MLflowTracker:
+    """Tracker writing to one MLflow run through the client (no global active-run state needed)."""
+
+    def __init__(self, client: MlflowClient, run_id: str, experiment_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        clean = redact(params)
+        self.client.log_batch(self.run_id, params=[Param(k, v[:6000]) for k, v in clean.items()])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_image(self, image: Image.Image, artifact_file: str) -> None:
+        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(local_path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in redact(tags).items()])
+
+    @contextmanager
+    def child(self, name: str) -> Iterator[MLflowTracker]:
+        """A run nested under this one (e.g. one per model an evaluation compares)."""
+        run = self.client.create_run(self.experiment_id, tags={"mlflow.parentRunId": self.run_id}, run_name=name)
+        child = MLflowTracker(self.client, run.info.run_id, self.experiment_id)
+        with _ended(self.client, child.run_id):
+            yield child
 
 
 @contextmanager
-def stage_tracker(stage: str, cfg: Config) -> Iterator[Tracker]:
-    yield MemoryTracker()
+def _ended(client: MlflowClient, run_id: str) -> Iterator[None]:
+    """End a run FINISHED, or FAILED if the block raises."""
+    try:
+        yield
+    except BaseException:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+# ----------------------------------------------------------------------------------------------------
+# which pipeline run is this?
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def _process_start(pid: int) -> str | None:
+    """A process's start time (distinguishes a reused pid), or None if it does not exist."""
+    try:
+        import psutil
+    except ImportError:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]  # clock ticks
+        except (OSError, IndexError):
+            return None
+    try:
+        return f"{psutil.Process(pid).create_time():.2f}"
+    except psutil.Error:
+        return None
+
+
+def _parent_pid(pid: int) -> int | None:
+    try:
+        import psutil
+    except ImportError:
+        try:
+            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return None
+    try:
+        return psutil.Process(pid).ppid()
+    except psutil.Error:
+        return None
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        import psutil
+    except ImportError:
+        try:
+            return [a for a in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0") if a]
+        except OSError:
+            return []
+    try:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return []
+
+
+def _is_dvc(argv: list[str]) -> bool:
+    """`dvc ...`, `python /path/bin/dvc ...`, `sh /path/dvc ...` or `python -m dvc ...`."""
+    return any(Path(a).name == "dvc" for a in argv[:2]) or argv[1:3] == ["-m", "dvc"]
+
+
+def dvc_session_key() -> str | None:
+    """host:pid:start of the nearest `dvc` ancestor process, or None when not run by DVC."""
+    pid = _parent_pid(os.getpid())
+    while pid and pid > 1:
+        if _is_dvc(_cmdline(pid)):
+            return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
+        pid = _parent_pid(pid)
+    return None
+
+
+def _session_alive(key: str) -> bool:
+    """Is the `dvc` process named by a session key still running (same pid, same start time)?"""
+    host, pid, start = key.rsplit(":", 2)
+    if host != socket.gethostname():
+        return True  # cannot tell: leave other machines' runs alone
+    return pid.isdigit() and _process_start(int(pid)) == start
+
+
+# ----------------------------------------------------------------------------------------------------
+# parent and nested runs
+
+
+def start_parent_run(client: MlflowClient, experiment_id: str, cfg: Config,
+                     session: str | None = None) -> str:
+    """Create the RUNNING parent of one pipeline run; all params flat on it. Returns its id."""
+    tags = {"spo.profile": cfg.profile, "spo.pipeline": "true"}
+    if session:
+        tags[SESSION_TAG] = session
+    if commit := _git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    run = client.create_run(experiment_id, tags=redact(tags), run_name=PARENT_RUN_NAME)
+    MLflowTracker(client, run.info.run_id, experiment_id).log_params(flat_params(cfg))
+    return run.info.run_id
+
+
+def open_pipeline_run(cfg: Config) -> str:
+    """Start a parent run for a pipeline (KFP's first step); stages nest under it via SPO_PARENT_RUN_ID."""
+    client, experiment_id = _client_and_experiment(cfg)
+    return start_parent_run(client, experiment_id, cfg)
+
+
+def _client_and_experiment(cfg: Config) -> tuple[MlflowClient, str]:
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is not None:
+        return client, experiment.experiment_id
+    return client, client.create_experiment(cfg.tracking.experiment, artifact_location=_artifact_location(uri, cfg))
+
+
+def _artifact_location(uri: str, cfg: Config) -> str | None:
+    """For a sqlite store, artifacts live in `mlruns/` beside the db file (not in whatever the cwd is)."""
+    if not uri.startswith("sqlite:///"):
+        return None  # a server decides
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in cfg.tracking.experiment)
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns" / name).as_uri()
+
+
+def _close_stale_sessions(client: MlflowClient, experiment_id: str) -> None:
+    """A `dvc repro` that stopped before `register` leaves its parent RUNNING: finish it now."""
+    for run in client.search_runs([experiment_id], f"tags.`{SESSION_TAG}` != '' and attributes.status = 'RUNNING'"):
+        if not _session_alive(run.data.tags[SESSION_TAG]):
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def resolve_parent(client: MlflowClient, experiment_id: str, cfg: Config) -> tuple[str, bool]:
+    """(parent run id, owned): `owned` parents are ended by this stage whatever its name."""
+    if parent := os.environ.get(PARENT_RUN_ENV):
+        client.get_run(parent)  # fails early, naming the id, if it does not exist
+        return parent, False
+    session = dvc_session_key()
+    if session is None:
+        return start_parent_run(client, experiment_id, cfg), True
+    found = client.search_runs([experiment_id], f"tags.`{SESSION_TAG}` = '{session}' and attributes.status = 'RUNNING'",
+                               max_results=1)
+    if found:
+        return found[0].info.run_id, False
+    _close_stale_sessions(client, experiment_id)
+    return start_parent_run(client, experiment_id, cfg, session), False
+
+
+@contextmanager
+def stage_tracker(stage: str, cfg: Config) -> Iterator[MLflowTracker]:
+    """Open the stage's nested run (active for `mlflow.*` calls inside); end runs by the outcome."""
+    client, experiment_id = _client_and_experiment(cfg)
+    parent_id, owned = resolve_parent(client, experiment_id, cfg)
+    tags = {"mlflow.parentRunId": parent_id, STAGE_TAG: stage, "spo.profile": cfg.profile}
+    if commit := _git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    run = client.create_run(experiment_id, tags=redact(tags), run_name=stage)
+    tracker = MLflowTracker(client, run.info.run_id, experiment_id)
+    section = getattr(cfg, stage, None)
+    if section is not None:
+        tracker.log_params(flat_params(section, f"{stage}."))
+    mlflow.start_run(run_id=run.info.run_id, nested=mlflow.active_run() is not None)
+    status = RunStatus.to_string(RunStatus.FAILED)
+    try:
+        yield tracker
+        status = RunStatus.to_string(RunStatus.FINISHED)
+    finally:
+        mlflow.end_run(status)
+        if status != "FINISHED" or owned or stage == STAGES[-1]:
+            client.set_terminated(parent_id, status)

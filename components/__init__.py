@@ -1,0 +1,1 @@
+"""Kubeflow Pipelines components: thin wrappers around the stage functions in `spo.stages`."""

@@ -1,0 +1,171 @@
+"""KFP components: one per stage, each a thin wrapper that calls the stage's `run()` from `spo/`.
+
+Every body only parses the config (one YAML string: a dict parameter would turn ints into floats),
+joins the pipeline's MLflow parent run, and calls the same `run()` that `dvc repro` calls, through the
+same `stage_tracker`. Bodies import `spo` lazily: they execute inside the image, where this module
+(which imports kfp.dsl) must not be imported.
+
+The image holds the `spo-pipeline` package with kfp; set SPO_COMPONENT_IMAGE before compiling to use
+your own build (`install_kfp_package=False`, nothing installed at run time).
+"""
+
+
+import os
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+
+DEFAULT_IMAGE = "ghcr.io/spo-pipeline/spo:0.1.0-python"
+BASE_IMAGE = os.environ.get("SPO_COMPONENT_IMAGE", DEFAULT_IMAGE)
+
+
+def spo_component(func):
+    """@dsl.component with the project image and no run-time installs."""
+    return dsl.component(func, base_image=BASE_IMAGE, install_kfp_package=False, packages_to_install=[])
+
+
+@spo_component
+def open_mlflow_run(params_yaml: str) -> str:
+    """Create the MLflow parent run of this pipeline run; stages nest under the returned id."""
+    import yaml
+
+    from spo.config import config_from_dict
+    from spo.mlflow_tracking import open_pipeline_run
+
+    return open_pipeline_run(config_from_dict(yaml.safe_load(params_yaml)))
+
+
+@spo_component
+def prepare(params_yaml: str, parent_run_id: str, prepared: Output[Dataset], metrics: Output[Metrics]):
+    """Build (digits) or read (Pick-a-Pic) the prepared data: base model, backbone, oracle, pairs, prompts."""
+    import os
+    from pathlib import Path
+
+    import yaml
+
+    from spo.config import config_from_dict
+    from spo.mlflow_tracking import flat_metrics, stage_tracker
+    from spo.stages import prepare as stage
+
+    os.environ["SPO_PARENT_RUN_ID"] = parent_run_id
+    cfg = config_from_dict(yaml.safe_load(params_yaml))
+    with stage_tracker("prepare", cfg) as tracker:
+        result = stage.run(cfg, out_dir=Path(prepared.path), tracker=tracker)
+    for name, value in flat_metrics(result).items():
+        metrics.log_metric(name, value)
+
+
+@spo_component
+def validate(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], report: Output[Artifact],
+             data_docs: Output[HTML], metrics: Output[Metrics]):
+    """Great-expectations suite over the pairs; fails the pipeline with a report naming each bad column."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    from spo.config import config_from_dict
+    from spo.mlflow_tracking import flat_metrics, stage_tracker
+    from spo.stages import validate as stage
+    from spo.stages.inputs import PAIRS_FILE
+
+    os.environ["SPO_PARENT_RUN_ID"] = parent_run_id
+    cfg = config_from_dict(yaml.safe_load(params_yaml))
+    with stage_tracker("validate", cfg) as tracker:
+        result = stage.run(cfg, pairs_path=Path(prepared.path) / PAIRS_FILE, out_dir=Path(report.path),
+                           tracker=tracker)
+    shutil.copy(Path(report.path) / stage.HTML_FILE, data_docs.path)
+    for name, value in flat_metrics(result).items():
+        metrics.log_metric(name, value)
+
+
+@spo_component
+def train_spm(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], spm: Output[Model],
+              metrics: Output[Metrics]):
+    """Train the step-aware preference model (DESIGN 3.1)."""
+    import os
+    from pathlib import Path
+
+    import yaml
+
+    from spo.config import config_from_dict
+    from spo.mlflow_tracking import flat_metrics, stage_tracker
+    from spo.stages import train_spm as stage
+
+    os.environ["SPO_PARENT_RUN_ID"] = parent_run_id
+    cfg = config_from_dict(yaml.safe_load(params_yaml))
+    with stage_tracker("train_spm", cfg) as tracker:
+        result = stage.run(cfg, prepared_dir=Path(prepared.path), out_dir=Path(spm.path), tracker=tracker)
+    for name, value in flat_metrics(result).items():
+        metrics.log_metric(name, value)
+
+
+@spo_component
+def train_spo(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], spm: Input[Model],
+              spo: Output[Model], metrics: Output[Metrics]):
+    """SPO fine-tuning of the base model's UNet (LoRA), guided by the SPM (DESIGN 3.2)."""
+    import os
+    from pathlib import Path
+
+    import yaml
+
+    from spo.config import config_from_dict
+    from spo.mlflow_tracking import flat_metrics, stage_tracker
+    from spo.stages import train_spo as stage
+
+    os.environ["SPO_PARENT_RUN_ID"] = parent_run_id
+    cfg = config_from_dict(yaml.safe_load(params_yaml))
+    with stage_tracker("train_spo", cfg) as tracker:
+        result = stage.run(cfg, prepared_dir=Path(prepared.path), spm_dir=Path(spm.path), out_dir=Path(spo.path),
+                           tracker=tracker)
+    for name, value in flat_metrics(result).items():
+        metrics.log_metric(name, value)
+
+
+@spo_component
+def evaluate(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], spm: Input[Model],
+             spo: Input[Model], evaluation: Output[Artifact], metrics: Output[Metrics]):
+    """Base vs. SPO on fixed prompts and seeds: metrics, win rates, image grid (DESIGN 3.4)."""
+    import os
+    from pathlib import Path
+
+    import yaml
+
+    from spo.config import config_from_dict
+    from spo.mlflow_tracking import flat_metrics, stage_tracker
+    from spo.stages import evaluate as stage
+
+    os.environ["SPO_PARENT_RUN_ID"] = parent_run_id
+    cfg = config_from_dict(yaml.safe_load(params_yaml))
+    with stage_tracker("evaluate", cfg) as tracker:
+        result = stage.run(cfg, prepared_dir=Path(prepared.path), spm_dir=Path(spm.path), spo_dir=Path(spo.path),
+                           out_dir=Path(evaluation.path), tracker=tracker)
+    for name, value in flat_metrics(result).items():
+        metrics.log_metric(name, value)
+
+
+@spo_component
+def register(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], spo: Input[Model],
+             evaluation: Input[Artifact], registration: Output[Artifact], metrics: Output[Metrics]):
+    """Register the LoRA in the MLflow model registry under the configured alias; ends the parent run."""
+    import os
+    from pathlib import Path
+
+    import yaml
+
+    from spo.config import config_from_dict
+    from spo.mlflow_tracking import flat_metrics, stage_tracker
+    from spo.stages import register as stage
+
+    os.environ["SPO_PARENT_RUN_ID"] = parent_run_id
+    cfg = config_from_dict(yaml.safe_load(params_yaml))
+    with stage_tracker("register", cfg) as tracker:
+        result = stage.run(cfg, prepared_dir=Path(prepared.path), spo_dir=Path(spo.path),
+                           eval_dir=Path(evaluation.path), out_dir=Path(registration.path), tracker=tracker)
+    for name, value in flat_metrics(result).items():
+        metrics.log_metric(name, value)
+
+
+STAGE_COMPONENTS = {"prepare": prepare, "validate": validate, "train_spm": train_spm, "train_spo": train_spo,
+                    "evaluate": evaluate, "register": register}

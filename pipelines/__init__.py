@@ -1,0 +1,1 @@
+"""The Kubeflow pipeline (DAG) and its compile / submit / local-run command line."""
