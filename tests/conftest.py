@@ -68,6 +68,7 @@ def _isolated_mlflow(tmp_path_factory, monkeypatch):
 
         while mlflow.active_run():
             mlflow.end_run()
+        mlflow.set_tracking_uri(None)  # stage_tracker sets the global URI; it outranks the env of later tests
 
 
 @pytest.fixture

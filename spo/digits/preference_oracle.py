@@ -73,7 +73,7 @@ def _augment(ink: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (ink * gain + noise).clamp(0, 1)
 
 
-def train_classifier(images: torch.Tensor, digits: torch.Tensor, *, steps: int = 400, batch_size: int = 128,
+def train_classifier(images: torch.Tensor, digits: torch.Tensor, *, steps: int = 300, batch_size: int = 64,
                      learning_rate: float = 3e-3, seed: int = 0) -> DigitClassifier:
     """Train the classifier on real digits with augmentation; deterministic for a seed."""
     torch.manual_seed(seed)

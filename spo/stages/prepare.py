@@ -43,11 +43,18 @@ from spo.stages.stage_cli import stage_main  # noqa: E402
 from spo.tracking import Tracker  # noqa: E402
 
 METRICS_FILE = "metrics.json"
-# The digits profile's 2-core CPU; a fixed count, so results do not depend on the machine. Busy-waiting
-# OpenMP threads collapse under contention, so then one thread (results differ only by float rounding).
-TORCH_THREADS = 2 if PASSIVE_OPENMP else 1
+MAX_TORCH_THREADS = 2  # the digits profile's 2-core CPU
 CLASSIFIER_HOLDOUT = 0.2
 EVAL_SEEDS = (0,)  # base-model check: every eval caption with these seeds, DDIM η = 0, CFG 5 (evaluate does more)
+
+
+def stage_threads() -> int:
+    """Torch threads for this stage: 2, or fewer if OMP_NUM_THREADS (torch's default) says so; 1 if
+    OpenMP busy-waits. Measured on a 2-core CPU another process was using, 2 threads ran these tiny
+    networks 25-40x slower than 1 with busy-waiting and 1.6x slower with passive waiting (up to 25x for
+    the tiny classifier), so on a shared CPU set OMP_NUM_THREADS=1. Thread counts change float rounding
+    only; for a given count the outputs are byte-for-byte reproducible."""
+    return min(MAX_TORCH_THREADS, torch.get_num_threads()) if PASSIVE_OPENMP else 1
 
 
 @contextmanager
@@ -83,11 +90,12 @@ def run(cfg: Config, *, out_dir: Path, tracker: Tracker) -> dict[str, float]:
                                   "issue; only the embedded 'digits' world is implemented")
     tracker.log_params({"seed": cfg.seed, **{f"prepare.{k}": v for k, v in flat_params(cfg.prepare).items()}})
     timer = PhaseTimer()
-    with torch_threads(min(TORCH_THREADS, os.cpu_count() or 1)), atomic_dir(out_dir) as staging:
+    threads = stage_threads()
+    with torch_threads(threads), atomic_dir(out_dir) as staging:
         metrics = build_digits_world(cfg, staging, tracker, timer)
         write_json(staging / METRICS_FILE, metrics)
     timer.seconds["time_total_s"] = time.perf_counter() - timer.start
-    tracker.log_metrics({**metrics, **timer.seconds})
+    tracker.log_metrics({**metrics, **timer.seconds, "torch_threads": float(threads)})
     return metrics
 
 
