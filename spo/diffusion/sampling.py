@@ -1,4 +1,9 @@
-"""Plain DDIM sampling with per-sample seeds, so a sample does not depend on its batch-mates."""
+"""Plain DDIM sampling with per-sample seeds for the initial noise.
+
+With η = 0 (evaluation) a sample depends only on its own (prompt, seed), not on its batch-mates. With
+η > 0 the per-step noise comes from one generator seeded by the batch's seeds, so a sample is
+reproducible for a fixed batch but changes if the batch is composed differently (known limitation).
+"""
 
 from __future__ import annotations
 
