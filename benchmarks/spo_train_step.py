@@ -22,11 +22,11 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from spo.config import TrainSPOConfig
 from spo.diffusion.ddim import ddim_step, gaussian_log_prob
 from spo.diffusion.guidance import guided_noise_pred
-from spo.lora import add_lora
 from spo.models.diffusion_model import DiffusionModel
-from spo.spo_loss import spo_loss
-from spo.spo_trainer import pair_log_probs
-from spo.step_sampling import StepPairs
+from spo.models.lora import add_lora
+from spo.training.spo_loss import spo_loss
+from spo.training.spo_trainer import pair_log_probs
+from spo.training.step_sampling import StepPairs
 
 SIZES = {
     "tiny": dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,

@@ -30,7 +30,7 @@ def open_mlflow_run(params_yaml: str) -> str:
     import yaml
 
     from spo.config import config_from_dict
-    from spo.mlflow_tracking import open_pipeline_run
+    from spo.tracking.mlflow_tracker import open_pipeline_run
 
     return open_pipeline_run(config_from_dict(yaml.safe_load(params_yaml)))
 
@@ -44,8 +44,8 @@ def prepare(params_yaml: str, parent_run_id: str, prepared: Output[Dataset], met
     import yaml
 
     from spo.config import config_from_dict
-    from spo.mlflow_tracking import flat_metrics, stage_tracker
     from spo.stages import prepare as stage
+    from spo.tracking.mlflow_tracker import flat_metrics, stage_tracker
 
     os.environ["SPO_PARENT_RUN_ID"] = parent_run_id
     cfg = config_from_dict(yaml.safe_load(params_yaml))
@@ -66,9 +66,9 @@ def validate(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], rep
     import yaml
 
     from spo.config import config_from_dict
-    from spo.mlflow_tracking import flat_metrics, stage_tracker
+    from spo.data.prepared_layout import PAIRS_FILE
     from spo.stages import validate as stage
-    from spo.stages.inputs import PAIRS_FILE
+    from spo.tracking.mlflow_tracker import flat_metrics, stage_tracker
 
     os.environ["SPO_PARENT_RUN_ID"] = parent_run_id
     cfg = config_from_dict(yaml.safe_load(params_yaml))
@@ -90,8 +90,8 @@ def train_spm(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], sp
     import yaml
 
     from spo.config import config_from_dict
-    from spo.mlflow_tracking import flat_metrics, stage_tracker
     from spo.stages import train_spm as stage
+    from spo.tracking.mlflow_tracker import flat_metrics, stage_tracker
 
     os.environ["SPO_PARENT_RUN_ID"] = parent_run_id
     cfg = config_from_dict(yaml.safe_load(params_yaml))
@@ -111,8 +111,8 @@ def train_spo(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], sp
     import yaml
 
     from spo.config import config_from_dict
-    from spo.mlflow_tracking import flat_metrics, stage_tracker
     from spo.stages import train_spo as stage
+    from spo.tracking.mlflow_tracker import flat_metrics, stage_tracker
 
     os.environ["SPO_PARENT_RUN_ID"] = parent_run_id
     cfg = config_from_dict(yaml.safe_load(params_yaml))
@@ -133,8 +133,8 @@ def evaluate(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], spm
     import yaml
 
     from spo.config import config_from_dict
-    from spo.mlflow_tracking import flat_metrics, stage_tracker
     from spo.stages import evaluate as stage
+    from spo.tracking.mlflow_tracker import flat_metrics, stage_tracker
 
     os.environ["SPO_PARENT_RUN_ID"] = parent_run_id
     cfg = config_from_dict(yaml.safe_load(params_yaml))
@@ -155,8 +155,8 @@ def register(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], spo
     import yaml
 
     from spo.config import config_from_dict
-    from spo.mlflow_tracking import flat_metrics, stage_tracker
     from spo.stages import register as stage
+    from spo.tracking.mlflow_tracker import flat_metrics, stage_tracker
 
     os.environ["SPO_PARENT_RUN_ID"] = parent_run_id
     cfg = config_from_dict(yaml.safe_load(params_yaml))

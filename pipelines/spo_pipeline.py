@@ -12,7 +12,15 @@ stages that had succeeded.
 
 from kfp import dsl
 
-from components.stages import evaluate, open_mlflow_run, prepare, register, train_spm, train_spo, validate
+from components.stages import (
+    evaluate,
+    open_mlflow_run,
+    prepare,
+    register,
+    train_spm,
+    train_spo,
+    validate,
+)
 
 PIPELINE_NAME = "spo-pipeline"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -83,10 +84,8 @@ def profile_main(argv: list[str]) -> int:
 
 
 def _pipeline_cli():
-    try:
-        import kfp  # noqa: F401  (only to give a clear message when it is missing)
-    except ImportError:
-        raise SystemExit('spo pipeline: kfp is not installed; pip install -e ".[pipeline]"') from None
+    if importlib.util.find_spec("kfp") is None:  # spo/ never imports kfp itself
+        raise SystemExit('spo pipeline: kfp is not installed; pip install -e ".[pipeline]"')
     return importlib.import_module("pipelines.cli")
 
 

@@ -6,7 +6,12 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from spo.diffusion.ddim import ddim_step, gaussian_log_prob, predict_x0, previous_timestep
+from spo.diffusion.ddim import (
+    ddim_step,
+    gaussian_log_prob,
+    predict_x0,
+    previous_timestep,
+)
 
 
 def sd15_scheduler(set_alpha_to_one: bool) -> DDIMScheduler:

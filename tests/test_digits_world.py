@@ -9,14 +9,31 @@ import torch.nn.functional as F
 from PIL import Image
 
 from spo.config import OracleConfig
+from spo.data.pickapic import (
+    PICKAPIC_SCHEMA,
+    decode_image,
+    encode_jpeg,
+    read_pairs,
+    write_pairs,
+)
 from spo.digits import backbone as backbone_lib
 from spo.digits.base_model import build_scheduler
-from spo.digits.captions import (EVAL_TEMPLATES, TRAIN_TEMPLATES, caption_digit, caption_words,
-                                 eval_captions, prompt_records, train_captions)
+from spo.digits.captions import (
+    EVAL_TEMPLATES,
+    TRAIN_TEMPLATES,
+    caption_digit,
+    caption_words,
+    eval_captions,
+    prompt_records,
+    train_captions,
+)
 from spo.digits.images import holdout_split, load_digit_images
-from spo.digits.preference_oracle import PreferenceOracle, aesthetic_score, aesthetic_terms
+from spo.digits.preference_oracle import (
+    PreferenceOracle,
+    aesthetic_score,
+    aesthetic_terms,
+)
 from spo.digits.tokenizer import MODEL_MAX_LENGTH, build_tokenizer
-from spo.pickapic import PICKAPIC_SCHEMA, decode_image, encode_jpeg, read_pairs, write_pairs
 
 
 @pytest.fixture(scope="module", autouse=True)

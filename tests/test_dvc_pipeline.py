@@ -19,7 +19,7 @@ from spo.stages import STAGES
 DVC = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
 SECTIONS = set(Config.__dataclass_fields__)
 # Plumbing a stage imports that cannot change its outputs: logging, the command line, atomic writes.
-NOT_OUTPUT_SHAPING = {"spo/__init__.py", "spo/tracking.py", "spo/mlflow_tracking.py", "spo/atomic_write.py",
+NOT_OUTPUT_SHAPING = {"spo/__init__.py", "spo/tracking/__init__.py", "spo/tracking/tracker.py", "spo/tracking/mlflow_tracker.py", "spo/atomic_write.py",
                       "spo/stages/__init__.py", "spo/stages/stage_cli.py"}
 
 
@@ -51,6 +51,14 @@ def spo_closure(module: str) -> set[Path]:
     return seen
 
 
+def docstring_only(files: set[str]) -> set[str]:
+    """Package `__init__.py` files that hold nothing but a docstring: they cannot shape an output."""
+    def empty(rel: str) -> bool:
+        body = ast.parse((REPO_ROOT / rel).read_text()).body
+        return all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body)
+    return {f for f in files if f.endswith("__init__.py") and empty(f)}
+
+
 def sections_read(files: set[Path]) -> set[str]:
     """Config sections accessed as `cfg.<section>` anywhere in `files`."""
     found = set()
@@ -78,7 +86,7 @@ def test_deps_cover_the_code_the_stage_imports(stage):
     existing_stage(stage)
     deps = [d for d in DVC[stage]["deps"] if d.startswith("spo/")]
     files = {str(p.relative_to(REPO_ROOT)) for p in spo_closure(f"spo.stages.{stage}")}
-    uncovered = sorted(f for f in files - NOT_OUTPUT_SHAPING
+    uncovered = sorted(f for f in files - NOT_OUTPUT_SHAPING - docstring_only(files)
                        if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
     assert not uncovered, f"add to dvc.yaml stages.{stage}.deps: {uncovered}"
     assert f"spo/stages/{stage}.py" in deps
@@ -90,7 +98,7 @@ def test_params_list_every_section_the_stage_reads(stage):
     params = DVC[stage]["params"]
     # other stage modules a stage imports helpers from are not run: their `cfg.<section>` reads don't count
     others = {REPO_ROOT / "spo/stages" / f"{s}.py" for s in STAGES if s != stage}
-    read = sections_read(spo_closure(f"spo.stages.{stage}") - others - {REPO_ROOT / "spo/mlflow_tracking.py"})
+    read = sections_read(spo_closure(f"spo.stages.{stage}") - others - {REPO_ROOT / "spo/tracking/mlflow_tracker.py"})
     missing = sorted(s for s in read if not any(p == s or p.startswith(s + ".") for p in params))
     assert not missing, f"add to dvc.yaml stages.{stage}.params: {missing}"
     own = {p.split(".")[0] for p in params} - {"profile", "seed", "model", "tracking", stage}

@@ -9,9 +9,9 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from spo import mlflow_tracking
 from spo.config import config_from_dict
-from spo.mlflow_tracking import open_pipeline_run, stage_tracker
+from spo.tracking import mlflow_tracker as mlflow_tracking
+from spo.tracking.mlflow_tracker import open_pipeline_run, stage_tracker
 
 CFG = config_from_dict({"tracking": {"experiment": "spo-test"}})
 
@@ -55,7 +55,7 @@ def test_stages_nest_under_env_parent_and_register_ends_it(mlflow_db, monkeypatc
     client = MlflowClient()
     with stage_tracker("prepare", CFG):
         pass
-    assert client.get_run(parent_id).info.status == "RUNNING"  # more stages to come
+    assert client.get_run(parent_id).info.status == "FINISHED"  # each stage ends it; the next reopens it
     with stage_tracker("register", CFG):
         pass
     named, runs = runs_by_name(client)
@@ -80,10 +80,10 @@ def test_dvc_session_groups_stages_and_closes_stale_parents(mlflow_db, monkeypat
     host = mlflow_tracking.socket.gethostname()
     monkeypatch.setattr(mlflow_tracking, "dvc_session_key", lambda: f"{host}:999999999:1.00")  # a dead process
     with stage_tracker("prepare", CFG):
-        pass  # the first `dvc repro` stops early: its parent stays RUNNING
+        pass  # the first `dvc repro` stops early: its parent is ended by its last stage
     client = MlflowClient()
     stale = runs_by_name(client)[0]["pipeline"]
-    assert stale.info.status == "RUNNING"
+    assert stale.info.status == "FINISHED"
 
     session = f"{host}:{os.getpid()}:{mlflow_tracking._process_start(os.getpid())}"  # alive: this process
     monkeypatch.setattr(mlflow_tracking, "dvc_session_key", lambda: session)
@@ -99,7 +99,7 @@ def test_dvc_session_groups_stages_and_closes_stale_parents(mlflow_db, monkeypat
 
 def test_session_key_names_the_ancestor_dvc_process(tmp_path):
     """A process named `dvc` runs two children (as `dvc repro` runs stages): both see its key."""
-    probe = "from spo.mlflow_tracking import dvc_session_key; print(dvc_session_key())"
+    probe = "from spo.tracking.mlflow_tracker import dvc_session_key; print(dvc_session_key())"
     fake_dvc = tmp_path / "dvc"
     fake_dvc.write_text(textwrap.dedent(f"""\
         #!/bin/sh

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from spo.paired_comparison import paired_win_rate, wilson_interval
+from spo.evaluation.paired_comparison import paired_win_rate, wilson_interval
 
 
 def test_win_rate_counts_ties_as_half():

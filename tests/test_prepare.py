@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from spo.config import PROFILES_DIR, load_profile
+from spo.data.pickapic import PICKAPIC_SCHEMA, decode_column, read_pairs
 from spo.diffusion.sampling import sample_images
 from spo.digits.captions import eval_captions, train_captions
 from spo.digits.pairs import generate_pairs
 from spo.digits.preference_oracle import PreferenceOracle
 from spo.models.diffusion_model import load_diffusion_model
-from spo.pickapic import PICKAPIC_SCHEMA, decode_column, read_pairs
-from spo.stages import inputs, prepare
-from spo.tracking import MemoryTracker
+from spo.data import prepared_layout as inputs
+from spo.stages import prepare
+from spo.tracking.tracker import MemoryTracker
 
 TINY = ["prepare.vae_train_steps=3", "prepare.unet_train_steps=3", "prepare.backbone_train_steps=3",
         "prepare.train_batch_size=8", "prepare.num_pairs=12"]

@@ -10,8 +10,8 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from spo.config import config_from_dict
-from spo.mlflow_tracking import stage_tracker
 from spo.stages import register
+from spo.tracking.mlflow_tracker import stage_tracker
 
 CFG = config_from_dict({"register": {"model_name": "spo-test-lora", "alias": "candidate"},
                         "tracking": {"experiment": "spo-test"}})

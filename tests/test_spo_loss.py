@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from spo.spo_loss import spo_loss
+from spo.training.spo_loss import spo_loss
 
 
 def loss_of(logp_win, logp_lose, ref_win=0.0, ref_lose=0.0, beta=10.0, eps=0.1):

@@ -10,11 +10,17 @@ from tiny_models import build_tiny_sd
 from spo.config import TrainSPOConfig
 from spo.diffusion.ddim import ddim_step, gaussian_log_prob
 from spo.diffusion.guidance import guided_noise_pred
-from spo.lora import adapter_disabled, add_lora, load_lora, save_lora
 from spo.models.diffusion_model import load_diffusion_model
-from spo.spo_trainer import make_optimizer, pair_log_probs, rollout_settings, train_spo, train_step
-from spo.step_sampling import rollout_pairs, select_best_worst
-from spo.tracking import MemoryTracker
+from spo.models.lora import adapter_disabled, add_lora, load_lora, save_lora
+from spo.tracking.tracker import MemoryTracker
+from spo.training.spo_trainer import (
+    make_optimizer,
+    pair_log_probs,
+    rollout_settings,
+    train_spo,
+    train_step,
+)
+from spo.training.step_sampling import rollout_pairs, select_best_worst
 
 CFG = TrainSPOConfig(mixed_precision="no", prompts_per_round=3, pairs_per_batch=4, gradient_accumulation_steps=2)
 

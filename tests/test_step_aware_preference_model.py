@@ -11,11 +11,21 @@ import pytest
 import torch
 from PIL import Image
 from tiny_models import write_char_tokenizer
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+)
 
 from spo.models.preference_inputs import ClipImageTransform, clip_pixel_values
-from spo.models.step_aware_preference_model import (TIME_WEIGHTS_FILE, StepAwarePreferenceModel,
-                                                    timestep_sinusoids)
+from spo.models.step_aware_preference_model import (
+    TIME_WEIGHTS_FILE,
+    StepAwarePreferenceModel,
+    timestep_sinusoids,
+)
 
 PROMPTS = ["a seven", "the digit two", "nine", "a handwritten one"]
 

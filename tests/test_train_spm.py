@@ -18,12 +18,24 @@ from tiny_models import build_tiny_sd
 from spo.config import TrainSPMConfig, load_profile
 from spo.models.diffusion_model import load_diffusion_model
 from spo.models.step_aware_preference_model import StepAwarePreferenceModel
-from spo.spm_training import (batch_indices, evaluate_accuracy, frozen_copy, make_optimizer, noisy_x0_images,
-                              optimizer_step, pairwise_accuracy, pairwise_correct, pickscore_labels,
-                              relabelled_by_backbone, spm_loss, train_preference_backbone, train_spm,
-                              warmup_decay_schedule)
 from spo.stages import train_spm as stage
-from spo.tracking import MemoryTracker
+from spo.tracking.tracker import MemoryTracker
+from spo.training.spm_training import (
+    batch_indices,
+    evaluate_accuracy,
+    frozen_copy,
+    make_optimizer,
+    noisy_x0_images,
+    optimizer_step,
+    pairwise_accuracy,
+    pairwise_correct,
+    pickscore_labels,
+    relabelled_by_backbone,
+    spm_loss,
+    train_preference_backbone,
+    train_spm,
+    warmup_decay_schedule,
+)
 
 CFG = TrainSPMConfig(preference_steps=3, preference_learning_rate=1e-3, learning_rate=1e-3, warmup_steps=1,
                      max_steps=3, batch_size=4, mixed_precision="no", eval_timesteps=(0, 501))

@@ -8,9 +8,10 @@ from conftest import REPO_ROOT, good_pairs_frame
 from mlflow import MlflowClient
 
 from spo.config import config_from_dict
+from spo.data import pair_validation
 from spo.stages import validate
 from spo.stages.validate import DataValidationError
-from spo.tracking import MemoryTracker
+from spo.tracking.tracker import MemoryTracker
 
 CFG = config_from_dict({"validate": {"min_rows": 10, "max_tie_fraction": 0.5}})
 
@@ -133,16 +134,16 @@ def test_main_exits_nonzero_with_the_report_on_stderr(write_pairs, tmp_path, mlf
 
 
 def test_schema_rules_agree_with_the_pickapic_module():
-    """validate keeps its own copy (no torch import in the check); it must match spo.pickapic's schema."""
-    from spo import pickapic
+    """validate keeps its own copy (no torch import in the check); it must match spo.data.pickapic's schema."""
+    from spo.data import pickapic
 
-    assert set(validate.REQUIRED_COLUMNS) == set(pickapic.REQUIRED_COLUMNS)
-    for column, family in {**validate.REQUIRED_COLUMNS, **validate.ID_COLUMNS}.items():
-        assert validate._type_family(pickapic.PICKAPIC_SCHEMA.field(column).type) == family, column
+    assert set(pair_validation.REQUIRED_COLUMNS) == set(pickapic.REQUIRED_COLUMNS)
+    for column, family in {**pair_validation.REQUIRED_COLUMNS, **pair_validation.ID_COLUMNS}.items():
+        assert pair_validation._type_family(pickapic.PICKAPIC_SCHEMA.field(column).type) == family, column
 
 
 def test_pairs_written_by_pickapic_pass(write_pairs, tmp_path):
-    from spo import pickapic
+    from spo.data import pickapic
 
     path = pickapic.write_pairs(good_pairs_frame(), tmp_path / "pairs.parquet")
     assert run_validate(path, tmp_path / "report")["failed_expectations"] == 0.0

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextModel,
+    CLIPTokenizer,
+)
 
 from spo.digits.base_model import caption_ids_by_digit
 from spo.digits.captions import EVAL_TEMPLATES, make_caption

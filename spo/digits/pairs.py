@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from spo.data.pickapic import decode_image, encode_jpeg
 from spo.diffusion.sampling import sample_images
 from spo.digits.captions import caption_digit
 from spo.digits.preference_oracle import PreferenceOracle
 from spo.models.diffusion_model import DiffusionModel
-from spo.pickapic import decode_image, encode_jpeg
 
 MODEL_NAME = "digits-base"
 ORACLE_USER_ID = 0

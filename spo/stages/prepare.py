@@ -1,4 +1,4 @@
-"""Stage `prepare`: build the data and models every later stage starts from (layout: spo.stages.inputs).
+"""Stage `prepare`: build the data and models every later stage starts from (layout: spo.data.prepared_layout).
 
 For the `digits` profile this builds the embedded world (DESIGN §4) in one deterministic pass:
 oracle classifier → contrastive backbone (tiny CLIP) → base diffusion model (its text encoder is the
@@ -18,7 +18,6 @@ import sys
 PASSIVE_OPENMP = "torch" not in sys.modules or os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
@@ -28,19 +27,9 @@ import torch  # noqa: E402
 
 from spo.atomic_write import atomic_dir, write_json  # noqa: E402
 from spo.config import Config, flat_params  # noqa: E402
-from spo.diffusion.sampling import sample_images  # noqa: E402
-from spo.digits import backbone as backbone_lib  # noqa: E402
-from spo.digits.base_model import TrainSettings, train_base_model  # noqa: E402
-from spo.digits.captions import caption_digit, eval_captions, prompt_records, train_captions  # noqa: E402
-from spo.digits.images import holdout_split, image_grid, load_digit_images  # noqa: E402
-from spo.digits.pairs import generate_pairs  # noqa: E402
-from spo.digits.preference_oracle import PreferenceOracle  # noqa: E402
-from spo.digits.tokenizer import build_tokenizer  # noqa: E402
-from spo.models.diffusion_model import load_diffusion_model  # noqa: E402
-from spo.pickapic import write_pairs  # noqa: E402
-from spo.stages import inputs  # noqa: E402
+from spo.digits.world import PhaseTimer, build_digits_world  # noqa: E402
 from spo.stages.stage_cli import stage_main  # noqa: E402
-from spo.tracking import Tracker  # noqa: E402
+from spo.tracking.tracker import Tracker  # noqa: E402
 
 METRICS_FILE = "metrics.json"
 MAX_TORCH_THREADS = 2  # the digits profile's 2-core CPU
@@ -67,22 +56,6 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-class PhaseTimer:
-    """Prints and records how long each phase took (timings go to the tracker, not metrics.json)."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        began = time.perf_counter()
-        print(f"prepare: {name} ...", file=sys.stderr, flush=True)
-        yield
-        self.seconds[f"time_{name}_s"] = time.perf_counter() - began
-        print(f"prepare: {name} done in {self.seconds[f'time_{name}_s']:.1f} s", file=sys.stderr, flush=True)
-
-
 def run(cfg: Config, *, out_dir: Path, tracker: Tracker) -> dict[str, float]:
     """Build the prepared inputs into `out_dir` (all or nothing); returns the metrics of metrics.json."""
     if cfg.prepare.dataset != "digits":
@@ -97,70 +70,6 @@ def run(cfg: Config, *, out_dir: Path, tracker: Tracker) -> dict[str, float]:
     timer.seconds["time_total_s"] = time.perf_counter() - timer.start
     tracker.log_metrics({**metrics, **timer.seconds, "torch_threads": float(threads)})
     return metrics
-
-
-def build_digits_world(cfg: Config, out: Path, tracker: Tracker, timer: PhaseTimer) -> dict[str, float]:
-    p = cfg.prepare
-    images, digits = load_digit_images(p.image_size)
-    metrics: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = build_tokenizer(Path(scratch) / "tokenizer")
-
-    with timer.phase("oracle"):
-        train_idx, holdout_idx = holdout_split(len(images), CLASSIFIER_HOLDOUT, cfg.seed)
-        oracle = PreferenceOracle.train(images[train_idx], digits[train_idx], p.oracle, seed=cfg.seed)
-        oracle.save(out / inputs.ORACLE_DIR)
-        holdout_probs = oracle.class_probabilities(images[holdout_idx])
-        holdout_correct = holdout_probs.argmax(1) == digits[holdout_idx]
-        metrics["oracle_classifier_holdout_accuracy"] = holdout_correct.float().mean().item()
-        metrics["real_aesthetic_mean"] = oracle.aesthetic(images[holdout_idx]).mean().item()
-
-    with timer.phase("backbone"):
-        torch.manual_seed(cfg.seed + 1)
-        clip = backbone_lib.build_backbone(tokenizer, p.image_size)
-        metrics["backbone_final_loss"] = backbone_lib.train_backbone(
-            clip, tokenizer, images, digits, steps=p.backbone_train_steps, batch_size=p.train_batch_size,
-            learning_rate=p.learning_rate, seed=cfg.seed + 1)
-        metrics["backbone_zero_shot_accuracy"] = backbone_lib.zero_shot_accuracy(clip, tokenizer, images, digits)
-        processor = backbone_lib.build_processor(tokenizer, p.image_size)
-        backbone_lib.save_backbone(out / inputs.BACKBONE_DIR, clip, processor)
-
-    with timer.phase("base_model"):  # its text encoder is the backbone's text tower, frozen (as in SD1.5)
-        metrics |= train_base_model(
-            out / inputs.BASE_MODEL_DIR, tokenizer, backbone_lib.text_encoder_from_backbone(clip), images, digits,
-            vae_settings=TrainSettings(p.vae_train_steps, p.train_batch_size, p.learning_rate, cfg.seed + 2),
-            unet_settings=TrainSettings(p.unet_train_steps, p.train_batch_size, p.learning_rate, cfg.seed + 3))
-
-    model = load_diffusion_model(str(out / inputs.BASE_MODEL_DIR))  # the same loader every later stage uses
-    with timer.phase("base_eval"):
-        metrics |= evaluate_base_model(model, oracle, p.image_size, tracker)
-
-    with timer.phase("pairs"):
-        frame, pair_metrics = generate_pairs(model, oracle, train_captions(), num_pairs=p.num_pairs,
-                                             resolution=p.image_size, seed=cfg.seed + 4)
-        write_pairs(frame, out / inputs.PAIRS_FILE)
-        metrics |= pair_metrics
-
-    write_json(out / inputs.TRAIN_PROMPTS_FILE, prompt_records(train_captions()))
-    write_json(out / inputs.EVAL_PROMPTS_FILE, prompt_records(eval_captions(), first_index=len(train_captions())))
-    return metrics
-
-
-def evaluate_base_model(model, oracle: PreferenceOracle, resolution: int, tracker: Tracker) -> dict[str, float]:
-    """Alignment and aesthetics of the base model on the held-out eval captions (DDIM η = 0, CFG 5)."""
-    captions = [c for _ in EVAL_SEEDS for c in eval_captions()]
-    seeds = [s for s in EVAL_SEEDS for _ in eval_captions()]
-    images = sample_images(model, captions, seeds, resolution=resolution, num_inference_steps=20,
-                           guidance_scale=5.0, eta=0.0)
-    digits = torch.tensor([caption_digit(c) for c in captions])
-    probs = oracle.class_probabilities(images)
-    tracker.log_image(image_grid(images[:100], nrow=10), "prepare/base_samples_eval_captions.png")
-    return {
-        "base_alignment_accuracy": (probs.argmax(1) == digits).float().mean().item(),
-        "base_alignment_mean": probs.gather(1, digits[:, None]).mean().item(),
-        "base_aesthetic_mean": oracle.aesthetic(images).mean().item(),
-        "base_aesthetic_std": oracle.aesthetic(images).std().item(),
-    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -21,9 +21,9 @@ from mlflow import MlflowClient
 
 from spo.atomic_write import write_json
 from spo.config import Config
-from spo.mlflow_tracking import flat_metrics
-from spo.stages.inputs import base_model_location
-from spo.tracking import Tracker
+from spo.data.prepared_layout import base_model_location
+from spo.tracking.mlflow_tracker import flat_metrics
+from spo.tracking.tracker import Tracker
 
 LORA_SUBDIR = "lora"
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"

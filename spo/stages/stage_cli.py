@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from spo.config import Config, ConfigError, load_config
-from spo.tracking import Tracker
+from spo.tracking.tracker import Tracker
 
 StageBody = Callable[[Config, argparse.Namespace, Tracker], Any]
 
@@ -30,7 +30,7 @@ def parse_stage_args(stage: str, argv: Sequence[str] | None, paths: Sequence[str
 
 def stage_main(stage: str, argv: Sequence[str] | None, paths: Sequence[str], body: StageBody) -> Any:
     """Parse args, open the stage's tracked run, call `body`; config errors exit 2 with the message."""
-    from spo.mlflow_tracking import stage_tracker
+    from spo.tracking.mlflow_tracker import stage_tracker
 
     try:
         cfg, args = parse_stage_args(stage, argv, paths)

@@ -19,14 +19,27 @@ import torch
 
 from spo.atomic_write import atomic_dir, write_json
 from spo.config import Config
+from spo.data.pickapic import decode_column, read_pairs
+from spo.data.prepared_layout import (
+    PAIRS_FILE,
+    base_model_location,
+    preference_backbone_location,
+)
 from spo.models.diffusion_model import load_diffusion_model
 from spo.models.step_aware_preference_model import StepAwarePreferenceModel
-from spo.pickapic import decode_column, read_pairs
-from spo.spm_training import (PairBatch, PairLoader, autocast_factory, backbone_clean_accuracy, evaluate_accuracy,
-                              frozen_copy, relabelled_by_backbone, train_preference_backbone, train_spm)
-from spo.stages.inputs import PAIRS_FILE, base_model_location, preference_backbone_location
 from spo.stages.stage_cli import stage_main
-from spo.tracking import Tracker
+from spo.tracking.tracker import Tracker
+from spo.training.spm_training import (
+    PairBatch,
+    PairLoader,
+    autocast_factory,
+    backbone_clean_accuracy,
+    evaluate_accuracy,
+    frozen_copy,
+    relabelled_by_backbone,
+    train_preference_backbone,
+    train_spm,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EVAL_FRACTION = 0.1  # held out for accuracy
@@ -38,7 +51,7 @@ MAX_EVAL_PAIRS = 1000  # the published SPM validates on Pick-a-Pic's ~500 valida
 
 
 def read_training_pairs(path: Path) -> pd.DataFrame:
-    """The pairs table (spo.pickapic) with its labels and captions checked: bad rows are named."""
+    """The pairs table (spo.data.pickapic) with its labels and captions checked: bad rows are named."""
     table = read_pairs(path).reset_index(drop=True)
     labels = {c: table[c].to_numpy(dtype=float) for c in ("label_0", "label_1")}
     for column, values in labels.items():

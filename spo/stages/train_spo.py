@@ -12,30 +12,17 @@ import torch
 
 from spo.atomic_write import atomic_dir
 from spo.config import Config, flat_params
-from spo.lora import add_lora, save_lora
+from spo.data.prepared_layout import TRAIN_PROMPTS_FILE, base_model_location
+from spo.data.prompts import read_prompts
 from spo.models.diffusion_model import load_diffusion_model
+from spo.models.lora import add_lora, save_lora
 from spo.models.step_aware_preference_model import StepAwarePreferenceModel
-from spo.spo_trainer import num_rounds, train_spo
-from spo.stages.inputs import TRAIN_PROMPTS_FILE, base_model_location
 from spo.stages.stage_cli import stage_main
-from spo.step_sampling import ScoreFn
-from spo.tracking import Tracker
+from spo.tracking.tracker import Tracker
+from spo.training.spo_trainer import num_rounds, train_spo
+from spo.training.step_sampling import ScoreFn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def read_prompts(path: Path, limit: int | None = None) -> list[str]:
-    """Captions from a prompt file in the SPO format: a JSON list of {"caption", "trainset_idx"}."""
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    rows = json.loads(path.read_text())
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and "caption" in r for r in rows):
-        raise ValueError(f"{path}: expected a JSON list of objects with a 'caption' key")
-    captions = [str(r["caption"]) for r in rows]
-    empty = [i for i, c in enumerate(captions) if not c.strip()]
-    if empty:
-        raise ValueError(f"{path}: empty caption at rows {empty[:5]}")
-    return captions[:limit] if limit else captions
 
 
 def spm_scorer(spm: StepAwarePreferenceModel) -> Callable[[list[str]], ScoreFn]:

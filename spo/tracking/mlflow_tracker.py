@@ -5,7 +5,8 @@ Which parent a stage nests under:
 2. else, under `dvc repro`, the RUNNING parent tagged with that `dvc` process's session key
    (host:pid:start time), created by the first stage of the invocation;
 3. else a standalone parent for this one stage.
-The last stage (`register`) ends the parent; a failing stage marks its nested run and the parent FAILED.
+Every stage marks the parent RUNNING while it runs and ends it by its own outcome (FINISHED or FAILED),
+so a partial `dvc repro -s STAGE` leaves no parent RUNNING; the next stage of the same run reopens it.
 Secrets (tracking passwords/tokens, HF_TOKEN) are never written as params or tags.
 """
 
@@ -28,7 +29,6 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from PIL import Image
 
 from spo.config import Config, flat_params
-from spo.stages import STAGES
 
 PARENT_RUN_ENV = "SPO_PARENT_RUN_ID"
 SESSION_TAG = "spo.session"
@@ -247,27 +247,27 @@ def _close_stale_sessions(client: MlflowClient, experiment_id: str) -> None:
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
-def resolve_parent(client: MlflowClient, experiment_id: str, cfg: Config) -> tuple[str, bool]:
-    """(parent run id, owned): `owned` parents are ended by this stage whatever its name."""
+def resolve_parent(client: MlflowClient, experiment_id: str, cfg: Config) -> str:
+    """The parent run id: KFP's, this `dvc repro`'s (reopened), or a new one."""
     if parent := os.environ.get(PARENT_RUN_ENV):
         client.get_run(parent)  # fails early, naming the id, if it does not exist
-        return parent, False
+        return parent
     session = dvc_session_key()
     if session is None:
-        return start_parent_run(client, experiment_id, cfg), True
-    found = client.search_runs([experiment_id], f"tags.`{SESSION_TAG}` = '{session}' and attributes.status = 'RUNNING'",
-                               max_results=1)
+        return start_parent_run(client, experiment_id, cfg)
+    found = client.search_runs([experiment_id], f"tags.`{SESSION_TAG}` = '{session}'", max_results=1)
     if found:
-        return found[0].info.run_id, False
+        client.update_run(found[0].info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        return found[0].info.run_id
     _close_stale_sessions(client, experiment_id)
-    return start_parent_run(client, experiment_id, cfg, session), False
+    return start_parent_run(client, experiment_id, cfg, session)
 
 
 @contextmanager
 def stage_tracker(stage: str, cfg: Config) -> Iterator[MLflowTracker]:
     """Open the stage's nested run (active for `mlflow.*` calls inside); end runs by the outcome."""
     client, experiment_id = _client_and_experiment(cfg)
-    parent_id, owned = resolve_parent(client, experiment_id, cfg)
+    parent_id = resolve_parent(client, experiment_id, cfg)
     tags = {"mlflow.parentRunId": parent_id, STAGE_TAG: stage, "spo.profile": cfg.profile}
     if commit := _git_commit():
         tags["mlflow.source.git.commit"] = commit
@@ -283,5 +283,4 @@ def stage_tracker(stage: str, cfg: Config) -> Iterator[MLflowTracker]:
         status = RunStatus.to_string(RunStatus.FINISHED)
     finally:
         mlflow.end_run(status)
-        if status != "FINISHED" or owned or stage == STAGES[-1]:
-            client.set_terminated(parent_id, status)
+        client.set_terminated(parent_id, status)

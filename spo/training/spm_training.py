@@ -30,7 +30,7 @@ from spo.diffusion.ddim import predict_x0
 from spo.diffusion.guidance import guided_noise_pred
 from spo.models.diffusion_model import DiffusionModel
 from spo.models.step_aware_preference_model import StepAwarePreferenceModel
-from spo.tracking import Tracker
+from spo.tracking.tracker import Tracker
 
 AutocastFactory = Callable[[], AbstractContextManager]
 

@@ -18,11 +18,16 @@ from spo.config import TrainSPOConfig
 from spo.diffusion.ddim import ddim_step, gaussian_log_prob
 from spo.diffusion.guidance import guided_noise_pred
 from spo.diffusion.sampling import latent_shape
-from spo.lora import adapter_disabled
 from spo.models.diffusion_model import DiffusionModel
-from spo.spo_loss import spo_loss
-from spo.step_sampling import RolloutSettings, ScoreFn, StepPairs, rollout_pairs
-from spo.tracking import Tracker
+from spo.models.lora import adapter_disabled
+from spo.tracking.tracker import Tracker
+from spo.training.spo_loss import spo_loss
+from spo.training.step_sampling import (
+    RolloutSettings,
+    ScoreFn,
+    StepPairs,
+    rollout_pairs,
+)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """What stages log through. Stage `run()` functions take a Tracker, so they never know about MLflow.
 
-`MemoryTracker` keeps everything in memory (tests, library use); `spo.mlflow_tracking` implements the
+`MemoryTracker` keeps everything in memory (tests, library use); `spo.tracking.mlflow_tracker` implements the
 same interface on MLflow with one parent run per pipeline run and a nested run per stage.
 """
 

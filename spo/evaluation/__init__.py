@@ -1,0 +1,1 @@
+"""Evaluation: paired comparisons of models on fixed prompts and seeds."""

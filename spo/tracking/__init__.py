@@ -1,0 +1,1 @@
+"""What stages log through: the Tracker protocol (tracker.py) and its MLflow implementation."""

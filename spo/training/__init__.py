@@ -1,0 +1,1 @@
+"""Training: the SPO rollout, loss and loop; step-aware preference model training."""
