@@ -7,13 +7,13 @@ import pytest
 from conftest import REPO_ROOT, good_pairs_frame
 from mlflow import MlflowClient
 
-from spo.config import config_from_dict
+from spo.config import load_profile
 from spo.data import pair_validation
 from spo.stages import validate
 from spo.stages.validate import DataValidationError
 from spo.tracking.tracker import MemoryTracker
 
-CFG = config_from_dict({"validate": {"min_rows": 10, "max_tie_fraction": 0.5}})
+CFG = load_profile("digits", ["validate.min_rows=10", "validate.max_tie_fraction=0.5"])
 
 
 def run_validate(path, out_dir):
@@ -41,18 +41,21 @@ def test_good_pairs_pass_and_report_every_expectation(write_pairs, tmp_path):
     assert report["success"] and report["row_count"] == 24
     assert all(e["success"] for e in report["expectations"])
     rules = {e["expectation"] for e in report["expectations"]}
-    assert {"column_exists_with_type", "expect_multicolumn_sum_to_equal", "expect_column_values_to_be_unique",
+    assert {"expect_column_to_exist", "expect_column_values_to_be_in_type_list", "expect_multicolumn_sum_to_equal", "expect_column_values_to_be_unique",
             "expect_compound_columns_to_be_unique", "images_decodable", "expect_table_row_count_to_be_between",
             "expect_column_values_to_not_be_in_set"} <= rules
     assert summary == {"rows": 24.0, "expectations": float(len(report["expectations"])), "failed_expectations": 0.0}
     assert tracker.last("failed_expectations") == 0.0
     assert "PASSED" in (tmp_path / "report" / "report.html").read_text()
+    docs = tmp_path / "report" / "data_docs"  # GX Data Docs of the schema and rules runs, linked from report.html
+    assert "data_docs/index.html" in (tmp_path / "report" / "report.html").read_text()
+    assert (docs / "index.html").is_file() and len(list((docs / "validations").rglob("*.html"))) == 2
 
 
 def test_missing_label_column_is_named(write_pairs, tmp_path):
     message, report = failing(write_pairs, tmp_path, good_pairs_frame().drop(columns=["label_1"]))
     assert "column 'label_1'" in message and "missing" in message
-    assert failed_rules(report) == {("label_1", "column_exists_with_type")}
+    assert failed_rules(report) == {("label_1", "expect_column_to_exist")}
 
 
 def test_wrong_dtype_is_named(write_pairs, tmp_path):
@@ -60,6 +63,16 @@ def test_wrong_dtype_is_named(write_pairs, tmp_path):
     frame["label_0"] = frame["label_0"].astype(str)
     message, report = failing(write_pairs, tmp_path, frame)
     assert "column 'label_0'" in message and "expected_type=float" in message
+    assert failed_rules(report) == {("label_0", "expect_column_values_to_be_in_type_list")}
+
+
+def test_jpeg_column_of_strings_is_named(write_pairs, tmp_path):
+    """The JPEG columns stay out of the rules frame, but their type is checked (on the sampled rows)."""
+    frame = good_pairs_frame()
+    frame["jpg_0"] = "not bytes"
+    message, report = failing(write_pairs, tmp_path, frame)
+    assert "column 'jpg_0'" in message and "expected_type=binary" in message
+    assert failed_rules(report) == {("jpg_0", "expect_column_values_to_be_in_type_list")}  # and not decoded
 
 
 @pytest.mark.parametrize("column, value, rule", [
@@ -133,13 +146,19 @@ def test_main_exits_nonzero_with_the_report_on_stderr(write_pairs, tmp_path, mlf
     assert runs["validate"].info.status == "FAILED" and runs["pipeline"].info.status == "FAILED"
 
 
-def test_schema_rules_agree_with_the_pickapic_module():
+def test_schema_rules_agree_with_the_pickapic_module(tmp_path):
     """validate keeps its own copy (no torch import in the check); it must match spo.data.pickapic's schema."""
+    import pyarrow as pa
+
     from spo.data import pickapic
 
     assert set(pair_validation.REQUIRED_COLUMNS) == set(pickapic.REQUIRED_COLUMNS)
-    for column, family in {**pair_validation.REQUIRED_COLUMNS, **pair_validation.ID_COLUMNS}.items():
-        assert pair_validation._type_family(pickapic.PICKAPIC_SCHEMA.field(column).type) == family, column
+    table = pa.Table.from_pandas(good_pairs_frame()[pickapic.PICKAPIC_SCHEMA.names], schema=pickapic.PICKAPIC_SCHEMA,
+                                 preserve_index=False)
+    entries = pair_validation.check_schema(pair_validation.gx_context(tmp_path), table)
+    assert all(e["success"] for e in entries)
+    assert {e["column"] for e in entries if e["expectation"] == "expect_column_values_to_be_in_type_list"} == \
+        set(pair_validation.COLUMN_FAMILIES)
 
 
 def test_pairs_written_by_pickapic_pass(write_pairs, tmp_path):

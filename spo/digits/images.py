@@ -37,14 +37,12 @@ def to_grey(images: torch.Tensor) -> torch.Tensor:
 
 
 def image_grid(images: torch.Tensor, nrow: int, scale: int = 4):
-    """A PIL grid of (B, 3, H, W) images in [-1, 1], each enlarged `scale` times (nearest)."""
+    """A PIL grid of (B, 3, H, W) images in [-1, 1] in `nrow` rows, each enlarged `scale` times (nearest)."""
+    from diffusers.utils import make_image_grid, pt_to_pil
     from PIL import Image
 
-    b, _, h, w = images.shape
-    ncol = -(-b // nrow)
-    canvas = torch.full((3, nrow * (h + 1), ncol * (w + 1)), -1.0)
-    for i, image in enumerate(images):
-        r, c = divmod(i, ncol)
-        canvas[:, r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = image.float().clamp(-1, 1)
-    pixels = ((canvas + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(pixels).resize((pixels.shape[1] * scale, pixels.shape[0] * scale), Image.NEAREST)
+    tiles = pt_to_pil(images)
+    ncol = -(-len(tiles) // nrow)
+    tiles += [Image.new("RGB", tiles[0].size)] * (nrow * ncol - len(tiles))  # black, like the background
+    grid = make_image_grid(tiles, rows=nrow, cols=ncol)
+    return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)

@@ -7,11 +7,10 @@ point estimate unbiased and the interval slightly conservative.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import torch
+from statsmodels.stats.proportion import proportion_confint
 
 
 @dataclass(frozen=True)
@@ -23,14 +22,11 @@ class WinRate:
 
 
 def wilson_interval(successes: float, n: int, confidence: float) -> tuple[float, float]:
+    """Wilson's score interval (statsmodels; clipped to [0, 1]); (0, 1) when there is no sample."""
     if n == 0:
         return 0.0, 1.0
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low, high = proportion_confint(successes, n, alpha=1 - confidence, method="wilson")
+    return float(low), float(high)
 
 
 def paired_win_rate(candidate: torch.Tensor, baseline: torch.Tensor, confidence: float = 0.95) -> WinRate:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
@@ -26,10 +27,9 @@ def add_lora(unet: UNet2DConditionModel, cfg: TrainSPOConfig) -> list[torch.nn.P
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
                                 target_modules=list(cfg.lora_targets)))
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    return params  # a list, not a generator: the published clip_grad_norm_ got an exhausted iterator
+    cast_training_params(unet, dtype=torch.float32)  # only the trainable (LoRA) params; the base keeps its dtype
+    # a list, not a generator: the published clip_grad_norm_ got an exhausted iterator
+    return [p for p in unet.parameters() if p.requires_grad]
 
 
 @contextmanager
@@ -43,9 +43,14 @@ def adapter_disabled(unet: UNet2DConditionModel) -> Iterator[UNet2DConditionMode
 
 
 def save_lora(unet: UNet2DConditionModel, out_dir: Path) -> None:
-    """Diffusers format, so users load it with `pipe.load_lora_weights(out_dir)`."""
+    """Diffusers format, so users load it with `pipe.load_lora_weights(out_dir)`.
+
+    The adapter config (rank, alpha, targets) goes into the safetensors metadata: without it the loaders
+    assume alpha = rank, and an adapter trained with alpha != rank reloads with another scale (alpha / r).
+    """
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(str(out_dir), unet_lora_layers=layers, safe_serialization=True)
+    StableDiffusionPipeline.save_lora_weights(str(out_dir), unet_lora_layers=layers, safe_serialization=True,
+                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
 
 
 def load_lora(unet: UNet2DConditionModel, lora_dir: Path) -> None:

@@ -1,6 +1,7 @@
 """Stage `validate`: check the preference pairs (spo.data.pair_validation) before anything trains on them.
 
-Writes `report.json` and `report.html` whatever the outcome, then fails if any rule failed.
+Writes `report.json`, `report.html` and GX Data Docs (`data_docs/`) whatever the outcome, then fails if
+any rule failed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from spo.atomic_write import atomic_dir
 from spo.config import Config
 from spo.data.pair_validation import (
+    DATA_DOCS_DIR,
     HTML_FILE,
     REPORT_FILE,
     DataValidationError,
@@ -24,9 +26,9 @@ from spo.tracking.tracker import Tracker
 
 
 def run(cfg: Config, *, pairs_path: Path, out_dir: Path, tracker: Tracker) -> dict[str, float]:
-    """Write out_dir/report.json (+ report.html) whatever the outcome; raise if any rule failed."""
-    report = validate_pairs(cfg, Path(pairs_path))
+    """Write out_dir/report.json (+ report.html, data_docs/) whatever the outcome; raise if any rule failed."""
     with atomic_dir(out_dir) as tmp:
+        report = validate_pairs(cfg, Path(pairs_path), data_docs_dir=tmp / DATA_DOCS_DIR)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
         (tmp / HTML_FILE).write_text(_html(report))
     failed = sum(not e["success"] for e in report["expectations"])
