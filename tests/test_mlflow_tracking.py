@@ -1,19 +1,22 @@
 """MLflow tracking: one parent run per pipeline run, a nested run per stage, flat params, no secrets."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from spo.config import config_from_dict
+from conftest import digits_config
+
 from spo.tracking import mlflow_tracker as mlflow_tracking
 from spo.tracking.mlflow_tracker import open_pipeline_run, stage_tracker
 
-CFG = config_from_dict({"tracking": {"experiment": "spo-test"}})
+CFG = digits_config(tracking={"experiment": "spo-test"})
 
 
 def runs_by_name(client):
@@ -95,6 +98,128 @@ def test_dvc_session_groups_stages_and_closes_stale_parents(mlflow_db, monkeypat
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.info.run_name for r in children) == ["evaluate", "register", "train_spo"]
+
+
+def test_one_stage_under_a_live_dvc_session_leaves_nothing_running(mlflow_db, monkeypatch):
+    """`dvc repro -s train_spo`: the dvc process still runs when the stage ends; its parent must not."""
+    session = mlflow_tracking.process_key(os.getpid())  # alive: this process
+    monkeypatch.setattr(mlflow_tracking, "dvc_session_key", lambda: session)
+    with stage_tracker("train_spo", CFG):
+        pass
+    _, runs = runs_by_name(MlflowClient())
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# killed stages: real processes, real signals
+
+STAGE_SCRIPT = """\
+import signal, sys, time
+from pathlib import Path
+from spo.atomic_write import atomic_dir
+from spo.config import load_profile
+from spo.tracking.mlflow_tracker import stage_tracker
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if our parent ignores it
+out, ready = Path(sys.argv[1]), Path(sys.argv[2])
+with stage_tracker("train_spo", load_profile("digits", ["tracking.experiment=spo-test"])), atomic_dir(out) as tmp:
+    (tmp / "half-written").write_text("x")
+    ready.write_text("ready")
+    time.sleep(120)
+"""
+
+
+def start_stage(tmp_path, under_dvc: bool = False) -> tuple[subprocess.Popen, int]:
+    """Run STAGE_SCRIPT (directly, or under a process named `dvc`); return (process, the stage's pid)."""
+    script, ready = tmp_path / "stage.py", tmp_path / "ready"
+    script.write_text(STAGE_SCRIPT)
+    argv = [sys.executable, str(script), str(tmp_path / "out"), str(ready)]
+    if under_dvc:
+        fake_dvc = tmp_path / "dvc"
+        fake_dvc.write_text(f"#!/bin/sh\n{' '.join(argv)}\n")  # sh waits for it, as dvc waits for a stage
+        fake_dvc.chmod(0o755)
+        argv = [str(fake_dvc), "repro"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while not ready.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the stage script never got ready"
+        time.sleep(0.1)
+    stage_pid = proc.pid
+    if under_dvc:
+        stage_pid = int(subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()[0])
+    return proc, stage_pid
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_end_the_stage_and_parent_killed(mlflow_db, tmp_path, signum):
+    proc, pid = start_stage(tmp_path)
+    os.kill(pid, signum)
+    assert proc.wait(timeout=60) in (128 + signum, -signum), proc.stderr.read()  # stopped, not crashed
+    named, runs = runs_by_name(MlflowClient())
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}
+    assert not list(tmp_path.glob(".out.tmp-*")) and not (tmp_path / "out").exists()  # atomic_dir cleaned up
+
+
+@pytest.mark.parametrize("under_dvc", [True, False], ids=["dvc-session", "standalone"])
+def test_sigkilled_stage_is_closed_killed_by_the_next_stage(mlflow_db, tmp_path, monkeypatch, under_dvc):
+    """SIGKILL runs no cleanup: the runs stay RUNNING until the next stage finds their processes dead."""
+    proc, pid = start_stage(tmp_path, under_dvc=under_dvc)
+    os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)  # with the stage gone, the fake `dvc` exits too: its session is dead
+    client = MlflowClient()
+    dead = runs_by_name(client)[0]
+    assert {r.info.status for r in dead.values()} == {"RUNNING"}
+    if under_dvc:
+        assert dead["pipeline"].data.tags["spo.session"].split(":")[1] == str(proc.pid)
+
+    session = mlflow_tracking.process_key(os.getpid())  # the next `dvc repro`: alive
+    monkeypatch.setattr(mlflow_tracking, "dvc_session_key", lambda: session)
+    with stage_tracker("prepare", CFG):
+        pass
+    for run in dead.values():
+        closed = client.get_run(run.info.run_id)
+        assert closed.info.status == "KILLED", run.info.run_name  # never FINISHED: nothing finished
+        assert "ended without ending the run" in closed.data.tags["spo.end_reason"]
+    new = [r for r in runs_by_name(client)[1] if r.data.tags.get("spo.session") == session]
+    assert len(new) == 1 and new[0].info.status == "FINISHED"
+
+
+def test_orphan_stage_of_a_dead_dvc_does_not_revive_its_closed_parent(mlflow_db, monkeypatch):
+    """`dvc` killed, its stage still running (an orphan): the next `dvc repro` ends the dead session's
+    parent; the orphan's own run stays open while it runs, and its success does not overwrite that."""
+    host = mlflow_tracking.socket.gethostname()
+    monkeypatch.setattr(mlflow_tracking, "dvc_session_key", lambda: f"{host}:999999999:1.00")  # dead dvc
+    client = MlflowClient()
+    with stage_tracker("train_spo", CFG) as tracker:  # this live process is the orphan
+        experiment_id = client.get_experiment_by_name("spo-test").experiment_id
+        mlflow_tracking._close_dead_runs(client, experiment_id)  # what the next dvc repro's first stage does
+        parent_id = client.get_run(tracker.run_id).data.tags["mlflow.parentRunId"]
+        assert client.get_run(parent_id).info.status == "KILLED"
+        assert client.get_run(tracker.run_id).info.status == "RUNNING"
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert client.get_run(parent_id).info.status == "KILLED"
+
+
+def test_runs_are_tagged_and_named_by_the_dvc_experiment(mlflow_db, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "bushy-chat")
+    with stage_tracker("train_spo", CFG):
+        pass
+    named, runs = runs_by_name(MlflowClient())
+    assert set(named) == {"pipeline-bushy-chat", "train_spo"}
+    assert {r.data.tags["spo.dvc_experiment"] for r in runs} == {"bushy-chat"}
+
+
+def test_default_store_is_at_the_dvc_root(tmp_path, monkeypatch):
+    """Under `dvc exp run --temp` the cwd is a throwaway copy; DVC_ROOT names the user's repository."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert mlflow_tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
+    assert mlflow_tracking.tracking_uri() == f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example")
+    assert mlflow_tracking.tracking_uri() == "http://mlflow.example"
 
 
 def test_session_key_names_the_ancestor_dvc_process(tmp_path):

@@ -5,8 +5,12 @@ Which parent a stage nests under:
 2. else, under `dvc repro`, the RUNNING parent tagged with that `dvc` process's session key
    (host:pid:start time), created by the first stage of the invocation;
 3. else a standalone parent for this one stage.
-Every stage marks the parent RUNNING while it runs and ends it by its own outcome (FINISHED or FAILED),
-so a partial `dvc repro -s STAGE` leaves no parent RUNNING; the next stage of the same run reopens it.
+Every stage marks the parent RUNNING while it runs and ends it by its own outcome (FINISHED, FAILED, or
+KILLED on Ctrl-C/SIGTERM/SIGHUP), so a partial `dvc repro -s STAGE` leaves no parent RUNNING; the next
+stage of the same run reopens it. A run whose process died without ending it (SIGKILL, OOM, a killed
+`dvc`) is ended KILLED by the next stage that opens the experiment: runs carry the key (host:pid:start)
+of the process that ends them, and a dead key is never read as success.
+Under `dvc exp run` runs are tagged `spo.dvc_experiment` with the experiment's name.
 Secrets (tracking passwords/tokens, HF_TOKEN) are never written as params or tags.
 """
 
@@ -15,8 +19,10 @@ from __future__ import annotations
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -33,6 +39,9 @@ from spo.config import Config, flat_params
 PARENT_RUN_ENV = "SPO_PARENT_RUN_ID"
 SESSION_TAG = "spo.session"
 STAGE_TAG = "spo.stage"
+PROCESS_TAG = "spo.process"  # host:pid:start of the process that ends the run
+EXPERIMENT_TAG = "spo.dvc_experiment"
+END_REASON_TAG = "spo.end_reason"
 PARENT_RUN_NAME = "pipeline"
 SECRET_ENV_VARS = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "HF_TOKEN",
                    "HUGGING_FACE_HUB_TOKEN", "KFP_TOKEN")
@@ -42,8 +51,59 @@ REDACTED = "***"
 
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else `mlflow.db` in the current dir (MLflow 3 refuses the file store)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI, else `mlflow.db` at the repository root (MLflow 3 refuses the file store).
+
+    The root is DVC_ROOT when DVC runs the stage: under `dvc exp run --temp`/`--queue` the cwd is a copy
+    in .dvc/tmp/exps that DVC deletes, and DVC_ROOT names the user's repository. Else the current dir.
+    """
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri
+    root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).absolute()
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread on SIGTERM/SIGHUP inside `stage_tracker`: unwinds like Ctrl-C does."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)  # the shell's exit status for a signal
+        self.signum = signum
+
+
+def run_status(error: BaseException | None) -> str:
+    """FINISHED, KILLED for Ctrl-C and termination signals, FAILED for anything else raised."""
+    if error is None:
+        status = RunStatus.FINISHED
+    elif isinstance(error, (KeyboardInterrupt, Terminated)):
+        status = RunStatus.KILLED
+    else:
+        status = RunStatus.FAILED
+    return RunStatus.to_string(status)
+
+
+@contextmanager
+def _termination_raises() -> Iterator[None]:
+    """SIGTERM/SIGHUP raise Terminated (once; a second one kills) so `finally` blocks end the runs.
+
+    Only in the main thread, and only for signals still at their default (an app's handler stays).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        raise Terminated(signum)
+
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            previous[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def redact(items: Mapping[str, Any]) -> dict[str, str]:
@@ -102,7 +162,8 @@ class MLflowTracker:
     @contextmanager
     def child(self, name: str) -> Iterator[MLflowTracker]:
         """A run nested under this one (e.g. one per model an evaluation compares)."""
-        run = self.client.create_run(self.experiment_id, tags={"mlflow.parentRunId": self.run_id}, run_name=name)
+        tags = {"mlflow.parentRunId": self.run_id, PROCESS_TAG: process_key(os.getpid())}
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
         child = MLflowTracker(self.client, run.info.run_id, self.experiment_id)
         with _ended(self.client, child.run_id):
             yield child
@@ -110,13 +171,13 @@ class MLflowTracker:
 
 @contextmanager
 def _ended(client: MlflowClient, run_id: str) -> Iterator[None]:
-    """End a run FINISHED, or FAILED if the block raises."""
+    """End a run FINISHED, or by what the block raises (KILLED, FAILED)."""
     try:
         yield
-    except BaseException:
-        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+    except BaseException as err:
+        client.set_terminated(run_id, run_status(err))
         raise
-    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    client.set_terminated(run_id, run_status(None))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -181,18 +242,23 @@ def _is_dvc(argv: list[str]) -> bool:
     return any(Path(a).name == "dvc" for a in argv[:2]) or argv[1:3] == ["-m", "dvc"]
 
 
+def process_key(pid: int) -> str:
+    """host:pid:start time: names one process, even after its pid is reused."""
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
+
+
 def dvc_session_key() -> str | None:
     """host:pid:start of the nearest `dvc` ancestor process, or None when not run by DVC."""
     pid = _parent_pid(os.getpid())
     while pid and pid > 1:
         if _is_dvc(_cmdline(pid)):
-            return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
+            return process_key(pid)
         pid = _parent_pid(pid)
     return None
 
 
 def _session_alive(key: str) -> bool:
-    """Is the `dvc` process named by a session key still running (same pid, same start time)?"""
+    """Is the process named by a key (a `dvc` session, a stage) still running (same pid, same start)?"""
     host, pid, start = key.rsplit(":", 2)
     if host != socket.gethostname():
         return True  # cannot tell: leave other machines' runs alone
@@ -204,14 +270,20 @@ def _session_alive(key: str) -> bool:
 
 
 def start_parent_run(client: MlflowClient, experiment_id: str, cfg: Config,
-                     session: str | None = None) -> str:
-    """Create the RUNNING parent of one pipeline run; all params flat on it. Returns its id."""
-    tags = {"spo.profile": cfg.profile, "spo.pipeline": "true"}
+                     session: str | None = None, process: str | None = None) -> str:
+    """Create the RUNNING parent of one pipeline run; all params flat on it. Returns its id.
+
+    `session`: the `dvc` process whose stages share it; else None (KFP's, or a standalone stage's:
+    `process` then names the stage process that ends it).
+    """
+    tags = {"spo.profile": cfg.profile, "spo.pipeline": "true", **_run_tags()}
     if session:
         tags[SESSION_TAG] = session
-    if commit := _git_commit():
-        tags["mlflow.source.git.commit"] = commit
-    run = client.create_run(experiment_id, tags=redact(tags), run_name=PARENT_RUN_NAME)
+    elif process:
+        tags[PROCESS_TAG] = process
+    experiment = os.environ.get("DVC_EXP_NAME")
+    name = f"{PARENT_RUN_NAME}-{experiment}" if experiment else PARENT_RUN_NAME
+    run = client.create_run(experiment_id, tags=redact(tags), run_name=name)
     MLflowTracker(client, run.info.run_id, experiment_id).log_params(flat_params(cfg))
     return run.info.run_id
 
@@ -240,47 +312,84 @@ def _artifact_location(uri: str, cfg: Config) -> str | None:
     return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns" / name).as_uri()
 
 
-def _close_stale_sessions(client: MlflowClient, experiment_id: str) -> None:
-    """A `dvc repro` that stopped before `register` leaves its parent RUNNING: finish it now."""
-    for run in client.search_runs([experiment_id], f"tags.`{SESSION_TAG}` != '' and attributes.status = 'RUNNING'"):
-        if not _session_alive(run.data.tags[SESSION_TAG]):
-            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
+def _run_tags() -> dict[str, str]:
+    """Tags every run of this process gets: the git commit, the DVC experiment's name."""
+    tags = {}
+    if commit := _git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    if experiment := os.environ.get("DVC_EXP_NAME"):
+        tags[EXPERIMENT_TAG] = experiment
+    return tags
+
+
+def _close_dead_runs(client: MlflowClient, experiment_id: str) -> None:
+    """End KILLED the RUNNING runs whose process is gone: a stage killed with SIGKILL (its nested run,
+    a standalone parent) or a `dvc` that exited while its parent was RUNNING. A run's stage process
+    that still runs (an orphan of a killed `dvc`) ends its own run; its dead session's parent is ended."""
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
+        key = run.data.tags.get(SESSION_TAG) or run.data.tags.get(PROCESS_TAG)
+        if key and not _session_alive(key):
+            client.set_tag(run.info.run_id, END_REASON_TAG, f"its process {key} ended without ending the run")
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+
+
+def _end_parent(client: MlflowClient, parent_id: str, status: str) -> None:
+    """End the parent by this stage's outcome, unless it succeeded and another process ended the
+    parent badly meanwhile (a dead `dvc` session closed by a newer one): bad news is not overwritten."""
+    current = client.get_run(parent_id).info.status
+    if current == "RUNNING" or status != RunStatus.to_string(RunStatus.FINISHED):
+        client.set_terminated(parent_id, status)
 
 
 def resolve_parent(client: MlflowClient, experiment_id: str, cfg: Config) -> str:
-    """The parent run id: KFP's, this `dvc repro`'s (reopened), or a new one."""
+    """The parent run id: KFP's or this `dvc repro`'s (reopened: RUNNING while this stage runs), or a new one."""
+    running = RunStatus.to_string(RunStatus.RUNNING)
     if parent := os.environ.get(PARENT_RUN_ENV):
         client.get_run(parent)  # fails early, naming the id, if it does not exist
+        client.update_run(parent, status=running)  # a retried task reopens what its failed try ended
         return parent
     session = dvc_session_key()
     if session is None:
-        return start_parent_run(client, experiment_id, cfg)
+        return start_parent_run(client, experiment_id, cfg, process=process_key(os.getpid()))
     found = client.search_runs([experiment_id], f"tags.`{SESSION_TAG}` = '{session}'", max_results=1)
     if found:
-        client.update_run(found[0].info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        client.update_run(found[0].info.run_id, status=running)
         return found[0].info.run_id
-    _close_stale_sessions(client, experiment_id)
     return start_parent_run(client, experiment_id, cfg, session)
 
 
 @contextmanager
 def stage_tracker(stage: str, cfg: Config) -> Iterator[MLflowTracker]:
-    """Open the stage's nested run (active for `mlflow.*` calls inside); end runs by the outcome."""
-    client, experiment_id = _client_and_experiment(cfg)
-    parent_id = resolve_parent(client, experiment_id, cfg)
-    tags = {"mlflow.parentRunId": parent_id, STAGE_TAG: stage, "spo.profile": cfg.profile}
-    if commit := _git_commit():
-        tags["mlflow.source.git.commit"] = commit
-    run = client.create_run(experiment_id, tags=redact(tags), run_name=stage)
-    tracker = MLflowTracker(client, run.info.run_id, experiment_id)
-    section = getattr(cfg, stage, None)
-    if section is not None:
-        tracker.log_params(flat_params(section, f"{stage}."))
-    mlflow.start_run(run_id=run.info.run_id, nested=mlflow.active_run() is not None)
-    status = RunStatus.to_string(RunStatus.FAILED)
-    try:
-        yield tracker
-        status = RunStatus.to_string(RunStatus.FINISHED)
-    finally:
+    """Open the stage's nested run (active for `mlflow.*` calls inside); end runs by the outcome.
+
+    Inside, SIGTERM/SIGHUP raise Terminated (see `_termination_raises`): the runs end KILLED.
+    """
+    with _termination_raises():
+        client, experiment_id = _client_and_experiment(cfg)
+        _close_dead_runs(client, experiment_id)
+        parent_id = resolve_parent(client, experiment_id, cfg)
+        tags = {"mlflow.parentRunId": parent_id, STAGE_TAG: stage, "spo.profile": cfg.profile,
+                PROCESS_TAG: process_key(os.getpid()), **_run_tags()}
+        run_id = client.create_run(experiment_id, tags=redact(tags), run_name=stage).info.run_id
+        status = run_status(None)
+        try:
+            tracker = MLflowTracker(client, run_id, experiment_id)
+            section = getattr(cfg, stage, None)
+            if section is not None:
+                tracker.log_params(flat_params(section, f"{stage}."))
+            mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
+            yield tracker
+        except BaseException as err:
+            status = run_status(err)
+            raise
+        finally:
+            _end_stage_runs(client, run_id, parent_id, status)
+
+
+def _end_stage_runs(client: MlflowClient, run_id: str, parent_id: str, status: str) -> None:
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
         mlflow.end_run(status)
-        client.set_terminated(parent_id, status)
+    else:  # it failed before it became the active run
+        client.set_terminated(run_id, status)
+    _end_parent(client, parent_id, status)
