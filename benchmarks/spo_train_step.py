@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
-from spo.config import TrainSPOConfig
+from spo.config import load_profile
 from spo.diffusion.ddim import ddim_step, gaussian_log_prob
 from spo.diffusion.guidance import guided_noise_pred
 from spo.models.diffusion_model import DiffusionModel
@@ -73,7 +73,7 @@ def main() -> None:
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     unet = UNet2DConditionModel(**SIZES[args.size]).to(args.device, dtype)
-    cfg = TrainSPOConfig()
+    cfg = load_profile("sd15", require_implemented=False).train_spo  # the published SD1.5 recipe
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     scheduler.set_timesteps(cfg.num_inference_steps)

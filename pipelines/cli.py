@@ -16,21 +16,28 @@ from pathlib import Path
 
 import yaml
 
-from spo.config import PROFILES_DIR, ConfigError, apply_overrides, config_from_dict
+from spo.config import (
+    ConfigError,
+    apply_overrides,
+    check_implemented,
+    config_from_dict,
+    profile_path,
+    read_params,
+)
 
 DEFAULT_PACKAGE = "spo_pipeline.yaml"
 
 
 def params_yaml(params: Path | None, profile: str | None, overrides: list[str]) -> str:
-    """The validated config as one line of YAML (what the pipeline's `params_yaml` parameter receives)."""
-    path = PROFILES_DIR / f"{profile}.yaml" if profile else (params or Path("params.yaml"))
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    data = apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides)
+    """The validated config as one line of YAML (what the pipeline's `params_yaml` parameter receives).
+    Bad input (file, YAML, key, value, or a profile that cannot run yet) is a ConfigError naming it."""
+    path = profile_path(profile) if profile else (params or Path("params.yaml"))
+    data = apply_overrides(read_params(path), overrides)
     try:
-        config_from_dict(data)
+        cfg = config_from_dict(data, require_implemented=False)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from err
+        raise ConfigError(f"{path}: {err}") from None
+    check_implemented(cfg)
     # one line: kfp 2.17 copies defaults into the package's header comment verbatim, so a newline in a
     # default breaks the YAML (kubeflow/pipelines#10438). Flow style keeps floats YAML-safe (6.0e-05).
     return yaml.safe_dump(data, default_flow_style=True, width=float("inf"), sort_keys=False).strip()
@@ -98,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config_text = params_yaml(args.params, args.profile, args.overrides)
     except ConfigError as err:
-        print(f"spo pipeline {args.command}: config error: {err}", file=sys.stderr)
+        print(f"spo pipeline {args.command}: {err}", file=sys.stderr)
         return 2
     if args.command == "compile":
         print(f"wrote {compile_pipeline(args.output, config_text)}")

@@ -14,20 +14,21 @@ import argparse
 import difflib
 import importlib
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
 import yaml
 
 from spo.atomic_write import atomic_file
-from spo.config import PROFILES_DIR, ConfigError, load_config, load_profile
+from spo.config import (
+    ConfigError,
+    load_config,
+    load_profile,
+    profile_names,
+    profile_path,
+    unimplemented,
+)
 from spo.stages import STAGES
-
-# libgomp busy-waits by default: 2-thread torch then crawls whenever another process holds a core
-# (a shared CPU, DVC running beside an IDE). Passive waiting costs nothing on free cores. It only
-# takes effect before torch loads, and stages are imported below, lazily.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 USAGE = f"""usage: spo COMMAND [ARGS]
 
@@ -38,29 +39,26 @@ commands:
 """
 
 
-def profile_names() -> list[str]:
-    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
-
-
 def use_profile(name: str, params: Path) -> None:
-    """Validate profiles/NAME.yaml, then copy it over `params` atomically (the old file stays on error)."""
+    """Validate profiles/NAME.yaml (it must also run today), then copy it over `params` atomically (the
+    old file stays on error)."""
     load_profile(name)
-    source = PROFILES_DIR / f"{name}.yaml"
     with atomic_file(params) as tmp:
-        tmp.write_text(source.read_text())
+        tmp.write_text(profile_path(name).read_text(encoding="utf-8"), encoding="utf-8")
 
 
 def show_profile(params: Path) -> str:
-    """The active profile's name, and how params.yaml differs from profiles/NAME.yaml (if it does)."""
-    cfg = load_config(params)
-    text = params.read_text()
-    source = PROFILES_DIR / f"{cfg.profile}.yaml"
-    if not source.is_file():
-        return f"profile: {cfg.profile} (no profiles/{cfg.profile}.yaml)"
-    if yaml.safe_load(source.read_text()) == yaml.safe_load(text):
-        return f"profile: {cfg.profile} ({params} == {source.name})"
-    diff = difflib.unified_diff(source.read_text().splitlines(), text.splitlines(), str(source), str(params), lineterm="")
-    return f"profile: {cfg.profile} ({params} differs from {source.name}):\n" + "\n".join(diff)
+    """The active profile's name, and how params.yaml differs from profiles/NAME.yaml (if it does).
+    A profile that cannot run yet is shown, with a note saying what it needs."""
+    cfg = load_config(params, require_implemented=False)
+    text, source = params.read_text(encoding="utf-8"), profile_path(cfg.profile)
+    source_text = source.read_text(encoding="utf-8")
+    needs = unimplemented(cfg)
+    note = f"\nnote: stages refuse this config: it needs {' and '.join(needs)}, not implemented yet" if needs else ""
+    if yaml.safe_load(source_text) == yaml.safe_load(text):
+        return f"profile: {cfg.profile} ({params} == {source.name}){note}"
+    diff = difflib.unified_diff(source_text.splitlines(), text.splitlines(), str(source), str(params), lineterm="")
+    return f"profile: {cfg.profile} ({params} differs from {source.name}):\n" + "\n".join(diff) + note
 
 
 def profile_main(argv: list[str]) -> int:
@@ -104,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "pipeline":
             return _pipeline_cli().main(rest) or 0
     except ConfigError as err:
-        print(f"spo {command}: config error: {err}", file=sys.stderr)
+        print(f"spo {command}: {err}", file=sys.stderr)
         return 2
     print(f"spo: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2

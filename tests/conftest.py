@@ -31,6 +31,18 @@ TINY_DIGITS_OVERRIDES = {
 }
 
 
+def digits_config(**sections: dict):
+    """The digits profile with some keys replaced, section by section (a nested mapping such as
+    prepare={"oracle": {...}} replaces that whole sub-section): digits_config(validate={"min_rows": 10}).
+    The config has no defaults, so a test that needs a Config builds it from a profile, like this."""
+    from spo.config import config_from_dict
+
+    data = yaml.safe_load((REPO_ROOT / "profiles" / "digits.yaml").read_text())
+    for section, values in sections.items():
+        data[section] = {**data[section], **values} if isinstance(values, dict) else values
+    return config_from_dict(data)
+
+
 def tiny_digits_params() -> dict:
     """params.yaml (digits) with TINY_DIGITS_OVERRIDES merged in, section by section."""
     data = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())

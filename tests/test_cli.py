@@ -1,5 +1,6 @@
 """The `spo` command: stage dispatch, config errors naming the key, profiles, pipeline dispatch."""
 
+import os
 import subprocess
 import sys
 
@@ -17,18 +18,65 @@ def test_stage_config_error_exits_2_naming_the_key(tmp_path, capsys):
         cli.main(["train_spo", "--params", PARAMS, "-S", "train_spo.betta=1", "--prepared-dir", str(tmp_path),
                   "--spm-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "train_spo.betta" in err and "config error" in err
+    assert capsys.readouterr().err == (f"spo train_spo: {PARAMS}: unknown config key train_spo.betta "
+                                       "(did you mean train_spo.beta?)\n")
     assert not (tmp_path / "out").exists()
 
 
 def test_wrong_type_through_python_m_spo_cli(tmp_path):
-    """A fresh process, as dvc.yaml runs stages (`python -m spo.cli STAGE`)."""
+    """A fresh process, as dvc.yaml runs stages (`python -m spo.cli STAGE`): one line, no traceback."""
     result = subprocess.run([sys.executable, "-m", "spo.cli", "validate", "--params", PARAMS,
                              "-S", "validate.min_rows=many", "--pairs", "x.parquet", "--out-dir", str(tmp_path)],
-                            capture_output=True, text=True, cwd=tmp_path)
+                            capture_output=True, text=True, cwd=tmp_path, check=False)
     assert result.returncode == 2
-    assert "validate.min_rows: expected int, got str 'many'" in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr == f"spo validate: {PARAMS}: validate.min_rows: expected int, got str 'many'\n"
+
+
+def bad_params(tmp_path, kind: str) -> tuple[str, str]:
+    """(params file, the error naming it) for a params file that is broken in one way."""
+    path = tmp_path / f"{kind}.yaml"
+    if kind == "list":
+        path.write_text("- profile: digits\n")
+        return str(path), f"{path}: expected a mapping of sections at the top level, got list"
+    if kind == "latin1":
+        path.write_bytes(b"profile: digits  # caf\xe9\n")
+        return str(path), f"{path}: not UTF-8 text (byte 22: b'\\xe9')"
+    if kind == "yaml":
+        path.write_text("profile: digits\nseed: [42\n")
+        return str(path), (f"{path}: not valid YAML: while parsing a flow sequence; expected ',' or ']', "
+                           "but got '<stream end>' (line 3, column 1)")
+    if kind == "missing":
+        return str(path), f"config file not found: {path}"
+    raise ValueError(kind)
+
+
+BAD_OVERRIDE = ("validate.min_rows=[1", ("override 'validate.min_rows=[1': not valid YAML: while parsing a flow "
+                                         "sequence; expected ',' or ']', but got '<stream end>' (line 1, column 3)"))
+
+
+@pytest.mark.parametrize("kind", ["list", "latin1", "yaml", "missing", "override", "range"])
+def test_bad_input_to_a_stage_is_one_line_exit_2(kind, tmp_path, capsys):
+    params, overrides = PARAMS, []
+    if kind == "override":
+        overrides, message = ["-S", BAD_OVERRIDE[0]], BAD_OVERRIDE[1]
+    elif kind == "range":
+        overrides, message = ["-S", "validate.max_tie_fraction=.nan"], f"{PARAMS}: validate.max_tie_fraction: must be a finite number, got nan"
+    else:
+        params, message = bad_params(tmp_path, kind)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["validate", "--params", params, *overrides, "--pairs", "x.parquet", "--out-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"spo validate: {message}\n"
+
+
+def test_a_missing_model_directory_is_one_line_exit_2(tmp_path, capsys, mlflow_db):
+    """Found inside the stage (the model loader), not at load time: a cluster path need not exist here."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train_spo", "--params", PARAMS, "-S", "model.base_model=/nonexistent", "--prepared-dir",
+                  str(tmp_path), "--spm-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "spo train_spo: base model: local model directory not found: /nonexistent\n"
+    assert not (tmp_path / "out" / "lora").exists()
 
 
 def test_stage_dispatch_runs_the_stage(write_pairs, tmp_path, mlflow_db):
@@ -53,7 +101,8 @@ def test_profile_list_and_show(tmp_path, capsys):
     assert out.startswith("profile: digits") and "-  beta: 10.0" in out and "+  beta: 5.0" in out
 
 
-def test_profile_use_copies_the_profile(tmp_path):
+def test_profile_use_copies_the_profile(tmp_path, monkeypatch):
+    monkeypatch.setattr("spo.config.NOT_IMPLEMENTED", {})  # as if sd15 ran today
     params = tmp_path / "params.yaml"
     params.write_text((REPO_ROOT / "params.yaml").read_text())
     assert cli.main(["profile", "use", "sd15", "--params", str(params)]) == 0
@@ -61,18 +110,46 @@ def test_profile_use_copies_the_profile(tmp_path):
     assert list(tmp_path.iterdir()) == [params]  # no temp files left behind
 
 
+def test_profile_use_refuses_a_profile_that_cannot_run_yet(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("profile: digits\n")
+    assert cli.main(["profile", "use", "sd15", "--params", str(params)]) == 2
+    assert capsys.readouterr().err == (
+        "spo profile: profile sd15 needs Pick-a-Pic preparation (prepare.dataset=pickapic_v1), which is not "
+        "implemented yet; only the 'digits' profile runs today\n")
+    assert params.read_text() == "profile: digits\n"
+
+
+def test_profile_show_says_what_a_profile_that_cannot_run_needs(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO_ROOT / "profiles" / "sdxl.yaml").read_text())
+    assert cli.main(["profile", "show", "--params", str(params)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"profile: sdxl ({params} == sdxl.yaml)",
+        ("note: stages refuse this config: it needs Pick-a-Pic preparation (prepare.dataset=pickapic_v1) and the "
+         "SDXL path (model.architecture=sdxl), not implemented yet")]
+
+
+@pytest.mark.parametrize("kind", ["list", "latin1", "yaml", "missing"])
+def test_profile_show_and_use_with_a_bad_params_file_are_one_line_exit_2(kind, tmp_path, capsys):
+    params, message = bad_params(tmp_path, kind)
+    assert cli.main(["profile", "show", "--params", params]) == 2
+    assert capsys.readouterr().err == f"spo profile: {message}\n"
+
+
 def test_profile_use_refuses_a_bad_profile_and_keeps_params(tmp_path, monkeypatch, capsys):
     profiles = tmp_path / "profiles"
     profiles.mkdir()
-    (profiles / "broken.yaml").write_text("profile: broken\ntrain_spo:\n  beta: ten\n")
-    monkeypatch.setattr(cli, "PROFILES_DIR", profiles)
+    broken = profiles / "broken.yaml"
+    broken.write_text((REPO_ROOT / "profiles" / "digits.yaml").read_text()
+                      .replace("profile: digits", "profile: broken").replace("beta: 10.0", "beta: ten"))
     monkeypatch.setattr("spo.config.PROFILES_DIR", profiles)
     params = tmp_path / "params.yaml"
     params.write_text("profile: digits\n")
     assert cli.main(["profile", "use", "broken", "--params", str(params)]) == 2
-    assert "train_spo.beta" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"spo profile: {broken}: train_spo.beta: expected float, got str 'ten'\n"
     assert cli.main(["profile", "use", "missing", "--params", str(params)]) == 2
-    assert "unknown profile 'missing'" in capsys.readouterr().err
+    assert capsys.readouterr().err == "spo profile: unknown profile 'missing'; known profiles: ['broken']\n"
     assert params.read_text() == "profile: digits\n"
 
 
@@ -81,6 +158,24 @@ def test_pipeline_dispatch_compiles(tmp_path):
     out = tmp_path / "spo.yaml"
     assert cli.main(["pipeline", "compile", "--params", PARAMS, "--output", str(out)]) == 0
     assert yaml.safe_load(out.read_text())["pipelineInfo"]["name"] == "spo-pipeline"
+
+
+@pytest.mark.parametrize("kind", ["list", "latin1", "yaml", "missing", "override", "sd15"])
+def test_pipeline_compile_with_bad_input_is_one_line_exit_2(kind, tmp_path, capsys):
+    pytest.importorskip("kfp")
+    out = tmp_path / "spo.yaml"
+    if kind == "override":
+        source, message = ["--params", PARAMS, "-S", BAD_OVERRIDE[0]], BAD_OVERRIDE[1]
+    elif kind == "sd15":
+        source, message = ["--profile", "sd15"], (
+            "profile sd15 needs Pick-a-Pic preparation (prepare.dataset=pickapic_v1), which is not implemented "
+            "yet; only the 'digits' profile runs today")
+    else:
+        params, message = bad_params(tmp_path, kind)
+        source = ["--params", params]
+    assert cli.main(["pipeline", "compile", *source, "--output", str(out)]) == 2
+    assert capsys.readouterr().err == f"spo pipeline compile: {message}\n"
+    assert not out.exists()
 
 
 def test_component_image_comes_from_the_environment(tmp_path):
@@ -99,3 +194,17 @@ def test_ci_runs_the_readme_test_command():
     ci = [line for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert len(quickstart) == 2 and "dvc repro" in quickstart[0]
     assert ci[-1] == quickstart[1] == "python -m pytest -q"
+
+
+def test_component_config_nests_under_the_parent_and_pins_threads(monkeypatch):
+    """What every KFP component does first (spo.stages.stage_cli.component_config)."""
+    import torch
+
+    from spo.stages.stage_cli import component_config
+
+    monkeypatch.setenv("SPO_PARENT_RUN_ID", "unset")  # so monkeypatch restores what component_config sets
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    calls: list[int] = []
+    params = yaml.safe_load((REPO_ROOT / "profiles" / "digits.yaml").read_text())
+    cfg = component_config(yaml.safe_dump(params), "run-123")
+    assert os.environ["SPO_PARENT_RUN_ID"] == "run-123" and calls == [cfg.torch_threads] == [1]

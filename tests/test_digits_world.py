@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from spo.config import OracleConfig
+from spo.config import OracleConfig, load_profile
 from spo.data.pickapic import (
     PICKAPIC_SCHEMA,
     decode_image,
@@ -61,7 +61,7 @@ def oracle(digits_data):
     images, digits = digits_data
     train_idx, _ = holdout_split(len(images), 0.2, seed=42)
     return PreferenceOracle.train(images[train_idx], digits[train_idx],
-                                  OracleConfig(temperature=0.05, tie_margin=0.02), seed=42)
+                                  load_profile("digits").prepare.oracle, seed=42)
 
 
 def binarised(images: torch.Tensor) -> torch.Tensor:
@@ -215,8 +215,9 @@ def test_oracle_save_load_round_trip(oracle, digits_data, tmp_path):
 
 def test_classifier_training_is_deterministic(digits_data):
     images, digits = digits_data[0][:256], digits_data[1][:256]
-    a = PreferenceOracle.train(images, digits, OracleConfig(), seed=3, steps=5)
-    b = PreferenceOracle.train(images, digits, OracleConfig(), seed=3, steps=5)
+    oracle_cfg = load_profile("digits").prepare.oracle
+    a = PreferenceOracle.train(images, digits, oracle_cfg, seed=3, steps=5)
+    b = PreferenceOracle.train(images, digits, oracle_cfg, seed=3, steps=5)
     for (name, pa), pb in zip(a.classifier.state_dict().items(), b.classifier.state_dict().values()):
         assert torch.equal(pa, pb), name
 

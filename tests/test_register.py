@@ -9,12 +9,12 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from spo.config import config_from_dict
+from spo.config import load_profile
 from spo.stages import register
 from spo.tracking.mlflow_tracker import stage_tracker
 
-CFG = config_from_dict({"register": {"model_name": "spo-test-lora", "alias": "candidate"},
-                        "tracking": {"experiment": "spo-test"}})
+CFG = load_profile("digits", ["register.model_name=spo-test-lora", "register.alias=candidate",
+                              "tracking.experiment=spo-test"])
 
 
 @pytest.fixture
