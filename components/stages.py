@@ -38,17 +38,13 @@ def open_mlflow_run(params_yaml: str) -> str:
 @spo_component
 def prepare(params_yaml: str, parent_run_id: str, prepared: Output[Dataset], metrics: Output[Metrics]):
     """Build (digits) or read (Pick-a-Pic) the prepared data: base model, backbone, oracle, pairs, prompts."""
-    import os
     from pathlib import Path
 
-    import yaml
-
-    from spo.config import config_from_dict
     from spo.stages import prepare as stage
+    from spo.stages.stage_cli import component_config
     from spo.tracking.mlflow_tracker import flat_metrics, stage_tracker
 
-    os.environ["SPO_PARENT_RUN_ID"] = parent_run_id
-    cfg = config_from_dict(yaml.safe_load(params_yaml))
+    cfg = component_config(params_yaml, parent_run_id)
     with stage_tracker("prepare", cfg) as tracker:
         result = stage.run(cfg, out_dir=Path(prepared.path), tracker=tracker)
     for name, value in flat_metrics(result).items():
@@ -59,19 +55,15 @@ def prepare(params_yaml: str, parent_run_id: str, prepared: Output[Dataset], met
 def validate(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], report: Output[Artifact],
              data_docs: Output[HTML], metrics: Output[Metrics]):
     """Great-expectations suite over the pairs; fails the pipeline with a report naming each bad column."""
-    import os
     import shutil
     from pathlib import Path
 
-    import yaml
-
-    from spo.config import config_from_dict
     from spo.data.prepared_layout import PAIRS_FILE
     from spo.stages import validate as stage
+    from spo.stages.stage_cli import component_config
     from spo.tracking.mlflow_tracker import flat_metrics, stage_tracker
 
-    os.environ["SPO_PARENT_RUN_ID"] = parent_run_id
-    cfg = config_from_dict(yaml.safe_load(params_yaml))
+    cfg = component_config(params_yaml, parent_run_id)
     with stage_tracker("validate", cfg) as tracker:
         result = stage.run(cfg, pairs_path=Path(prepared.path) / PAIRS_FILE, out_dir=Path(report.path),
                            tracker=tracker)
@@ -84,17 +76,13 @@ def validate(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], rep
 def train_spm(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], spm: Output[Model],
               metrics: Output[Metrics]):
     """Train the step-aware preference model (DESIGN 3.1)."""
-    import os
     from pathlib import Path
 
-    import yaml
-
-    from spo.config import config_from_dict
     from spo.stages import train_spm as stage
+    from spo.stages.stage_cli import component_config
     from spo.tracking.mlflow_tracker import flat_metrics, stage_tracker
 
-    os.environ["SPO_PARENT_RUN_ID"] = parent_run_id
-    cfg = config_from_dict(yaml.safe_load(params_yaml))
+    cfg = component_config(params_yaml, parent_run_id)
     with stage_tracker("train_spm", cfg) as tracker:
         result = stage.run(cfg, prepared_dir=Path(prepared.path), out_dir=Path(spm.path), tracker=tracker)
     for name, value in flat_metrics(result).items():
@@ -105,17 +93,13 @@ def train_spm(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], sp
 def train_spo(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], spm: Input[Model],
               spo: Output[Model], metrics: Output[Metrics]):
     """SPO fine-tuning of the base model's UNet (LoRA), guided by the SPM (DESIGN 3.2)."""
-    import os
     from pathlib import Path
 
-    import yaml
-
-    from spo.config import config_from_dict
     from spo.stages import train_spo as stage
+    from spo.stages.stage_cli import component_config
     from spo.tracking.mlflow_tracker import flat_metrics, stage_tracker
 
-    os.environ["SPO_PARENT_RUN_ID"] = parent_run_id
-    cfg = config_from_dict(yaml.safe_load(params_yaml))
+    cfg = component_config(params_yaml, parent_run_id)
     with stage_tracker("train_spo", cfg) as tracker:
         result = stage.run(cfg, prepared_dir=Path(prepared.path), spm_dir=Path(spm.path), out_dir=Path(spo.path),
                            tracker=tracker)
@@ -127,17 +111,13 @@ def train_spo(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], sp
 def evaluate(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], spm: Input[Model],
              spo: Input[Model], evaluation: Output[Artifact], metrics: Output[Metrics]):
     """Base vs. SPO on fixed prompts and seeds: metrics, win rates, image grid (DESIGN 3.4)."""
-    import os
     from pathlib import Path
 
-    import yaml
-
-    from spo.config import config_from_dict
     from spo.stages import evaluate as stage
+    from spo.stages.stage_cli import component_config
     from spo.tracking.mlflow_tracker import flat_metrics, stage_tracker
 
-    os.environ["SPO_PARENT_RUN_ID"] = parent_run_id
-    cfg = config_from_dict(yaml.safe_load(params_yaml))
+    cfg = component_config(params_yaml, parent_run_id)
     with stage_tracker("evaluate", cfg) as tracker:
         result = stage.run(cfg, prepared_dir=Path(prepared.path), spm_dir=Path(spm.path), spo_dir=Path(spo.path),
                            out_dir=Path(evaluation.path), tracker=tracker)
@@ -149,17 +129,13 @@ def evaluate(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], spm
 def register(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], spo: Input[Model],
              evaluation: Input[Artifact], registration: Output[Artifact], metrics: Output[Metrics]):
     """Register the LoRA in the MLflow model registry under the configured alias; ends the parent run."""
-    import os
     from pathlib import Path
 
-    import yaml
-
-    from spo.config import config_from_dict
     from spo.stages import register as stage
+    from spo.stages.stage_cli import component_config
     from spo.tracking.mlflow_tracker import flat_metrics, stage_tracker
 
-    os.environ["SPO_PARENT_RUN_ID"] = parent_run_id
-    cfg = config_from_dict(yaml.safe_load(params_yaml))
+    cfg = component_config(params_yaml, parent_run_id)
     with stage_tracker("register", cfg) as tracker:
         result = stage.run(cfg, prepared_dir=Path(prepared.path), spo_dir=Path(spo.path),
                            eval_dir=Path(evaluation.path), out_dir=Path(registration.path), tracker=tracker)

@@ -18,8 +18,12 @@ from spo.stages import STAGES
 
 DVC = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
 SECTIONS = set(Config.__dataclass_fields__)
+# Sections a stage reads that shape none of its outputs, so they are no stage's params (renaming the
+# MLflow experiment must not rerun the pipeline).
+NOT_OUTPUT_SHAPING_SECTIONS = {"tracking"}
 # Plumbing a stage imports that cannot change its outputs: logging, the command line, atomic writes.
-NOT_OUTPUT_SHAPING = {"spo/__init__.py", "spo/tracking/__init__.py", "spo/tracking/tracker.py", "spo/tracking/mlflow_tracker.py", "spo/atomic_write.py",
+NOT_OUTPUT_SHAPING = {"spo/__init__.py", "spo/tracking/__init__.py", "spo/tracking/tracker.py", "spo/tracking/mlflow_tracker.py",
+                      "spo/tracking/progress.py", "spo/atomic_write.py",
                       "spo/stages/__init__.py", "spo/stages/stage_cli.py"}
 
 
@@ -99,9 +103,11 @@ def test_params_list_every_section_the_stage_reads(stage):
     # other stage modules a stage imports helpers from are not run: their `cfg.<section>` reads don't count
     others = {REPO_ROOT / "spo/stages" / f"{s}.py" for s in STAGES if s != stage}
     read = sections_read(spo_closure(f"spo.stages.{stage}") - others - {REPO_ROOT / "spo/tracking/mlflow_tracker.py"})
-    missing = sorted(s for s in read if not any(p == s or p.startswith(s + ".") for p in params))
+    missing = sorted(s for s in read - NOT_OUTPUT_SHAPING_SECTIONS
+                     if not any(p == s or p.startswith(s + ".") for p in params))
     assert not missing, f"add to dvc.yaml stages.{stage}.params: {missing}"
-    own = {p.split(".")[0] for p in params} - {"profile", "seed", "model", "tracking", stage}
+    assert not {p.split(".")[0] for p in params} & NOT_OUTPUT_SHAPING_SECTIONS, f"stages.{stage}.params"
+    own = {p.split(".")[0] for p in params} - {"profile", "seed", "torch_threads", "model", stage}
     assert own <= {"prepare"}  # evaluate reads prepare.dataset only; no stage lists a later stage's knobs
 
 
@@ -109,10 +115,20 @@ def test_paths_in_commands_match_outs():
     """Each stage writes under the --out-dir its cmd names; training waits for the validation report."""
     for stage, spec in DVC.items():
         out_dir = re.search(r"--out-dir (\S+)", spec["cmd"]).group(1)
-        outs = [next(iter(o)) if isinstance(o, dict) else o for o in spec.get("outs", []) + spec.get("metrics", [])]
+        declared = spec.get("outs", []) + spec.get("metrics", []) + spec.get("plots", [])
+        outs = [next(iter(o)) if isinstance(o, dict) else o for o in declared]
         assert outs and all(o.startswith(out_dir + "/") for o in outs), stage
     assert "reports/validate/report.json" in DVC["train_spm"]["deps"]
-    assert {"x": "step", "y": "loss", "cache": False} == DVC["train_spo"]["plots"][0]["models/spo/history.csv"]
+
+
+def test_training_curves_are_one_plot_of_a_declared_output():
+    """history.csv is an out of train_spo (cache: false: in git) and plotted once, by the top-level plot."""
+    dvc_yaml = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
+    assert not [s for s, spec in DVC.items() if "plots" in spec]  # a stage-level plot would show it twice
+    assert {"models/spo/history.csv": {"cache": False}} in DVC["train_spo"]["outs"]
+    (plot,) = [p["SPO training"] for p in dvc_yaml["plots"] if "SPO training" in p]
+    assert plot["x"] == "step"
+    assert plot["y"] == {"models/spo/history.csv": ["loss", "ratio_win", "ratio_lose", "kept_pair_rate"]}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -161,8 +177,11 @@ def repo_copy(tmp_path):
 
 
 @pytest.mark.slow
-def test_dvc_repro_full_noop_and_partial(repo_copy, monkeypatch):
+def test_dvc_repro_full_noop_and_experiment(repo_copy):
+    """Full run, no-op rerun, then `dvc exp run --temp` with one knob changed: only the downstream stages
+    rerun, and its MLflow runs land in the repository's default store (not in DVC's throwaway copy)."""
     repo, env = repo_copy
+    env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}  # the default store: <repo>/mlflow.db
     first = sh(["dvc", "repro"], repo, env)
     assert stages_run(first) == list(STAGES)
     assert json.loads((repo / "models/spo/metrics.json").read_text())["optimizer_steps"] > 0
@@ -170,24 +189,43 @@ def test_dvc_repro_full_noop_and_partial(repo_copy, monkeypatch):
                 "models/spo/history.csv", "reports/evaluate/metrics.json", "models/registered/registration.json"):
         assert (repo / out).exists(), out
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
     from mlflow import MlflowClient
 
-    client = MlflowClient()
-    runs = client.search_runs([client.get_experiment_by_name("spo-digits").experiment_id])
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name("spo-digits").experiment_id
+    runs = client.search_runs([experiment_id])
     parents = [r for r in runs if r.info.run_name == "pipeline"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # one dvc repro = one parent run
     assert sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id) \
         == sorted(STAGES)
 
+    # locks and temp dirs beside the outputs are neither untracked files for git nor changes for DVC
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-qm", "dvc repro"], repo, env)
+    tracked = sh(["git", "ls-files"], repo, env).split()
+    assert not [p for p in tracked if re.search(r"(^|/)\.[^/]+\.(lock|tmp-|old-)", p)]
+    assert (repo / "models/.spo.lock").is_file() and (repo / "models/spo/.gitignore").is_file()
     second = sh(["dvc", "repro"], repo, env)
     assert stages_run(second) == []
     assert "data and pipelines are up to date" in second.lower() or "didn't change" in second
+    assert "up to date" in sh(["dvc", "status"], repo, env).lower()
+    assert sh(["git", "status", "--porcelain"], repo, env) == ""
 
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train_spo"]["beta"] = 5.0
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     lora = (repo / "models/spo/lora/pytorch_lora_weights.safetensors").read_bytes()
-    third = sh(["dvc", "repro"], repo, env)
+    # `-S` makes DVC rewrite params.yaml with its YAML 1.2 dumper: every value must read back the same
+    # under our YAML 1.1 loader (a bare `no` would turn into False)
+    third = sh(["dvc", "exp", "run", "--temp", "-S", "train_spo.beta=5.0"], repo, env)
     assert stages_run(third) == ["train_spo", "evaluate", "register"]  # a new adapter: downstream reruns
+    runs = client.search_runs([experiment_id])
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    (parent,) = [r for r in runs if "spo.dvc_experiment" in r.data.tags and r.info.run_name.startswith("pipeline")]
+    name = parent.data.tags["spo.dvc_experiment"]
+    assert parent.info.run_name == f"pipeline-{name}" and parent.data.params["train_spo.beta"] == "5.0"
+    nested = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert sorted(nested) == ["evaluate", "register", "train_spo"]
+    assert nested["train_spo"].data.params["train_spo.beta"] == "5.0"
+    assert nested["train_spo"].data.tags["spo.dvc_experiment"] == name
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+
+    sh(["dvc", "exp", "apply", name], repo, env)
     assert (repo / "models/spo/lora/pytorch_lora_weights.safetensors").read_bytes() != lora

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_models import build_tiny_sd
 
-from spo.config import TrainSPOConfig
+from spo.config import load_profile
 from spo.diffusion.ddim import ddim_step, gaussian_log_prob
 from spo.diffusion.guidance import guided_noise_pred
 from spo.models.diffusion_model import load_diffusion_model
@@ -22,7 +22,8 @@ from spo.training.spo_trainer import (
 )
 from spo.training.step_sampling import rollout_pairs, select_best_worst
 
-CFG = TrainSPOConfig(mixed_precision="no", prompts_per_round=3, pairs_per_batch=4, gradient_accumulation_steps=2)
+CFG = dataclasses.replace(load_profile("digits").train_spo, mixed_precision="fp32", prompts_per_round=3, pairs_per_batch=4,
+                          gradient_accumulation_steps=2)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ on a tiny real SD-format pipeline and a tiny CLIP built in the tests."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,11 +16,19 @@ from conftest import REPO_ROOT, good_pairs_frame
 from test_step_aware_preference_model import build_tiny_clip, perturb_time_conditioning
 from tiny_models import build_tiny_sd
 
-from spo.config import TrainSPMConfig, load_profile
+from spo.config import load_profile
 from spo.models.diffusion_model import load_diffusion_model
 from spo.models.step_aware_preference_model import StepAwarePreferenceModel
 from spo.stages import train_spm as stage
 from spo.tracking.tracker import MemoryTracker
+from spo.training.spm_inputs import (
+    X0WorkerSpec,
+    in_process_source,
+    pair_loader,
+    plan_eval_jobs,
+    plan_training_jobs,
+    prefetched_source,
+)
 from spo.training.spm_training import (
     batch_indices,
     evaluate_accuracy,
@@ -37,8 +46,9 @@ from spo.training.spm_training import (
     warmup_decay_schedule,
 )
 
-CFG = TrainSPMConfig(preference_steps=3, preference_learning_rate=1e-3, learning_rate=1e-3, warmup_steps=1,
-                     max_steps=3, batch_size=4, mixed_precision="no", eval_timesteps=(0, 501))
+CFG = dataclasses.replace(load_profile("digits").train_spm, preference_steps=3, preference_learning_rate=1e-3,
+                          learning_rate=1e-3, warmup_steps=1, max_steps=3, batch_size=4, mixed_precision="fp32",
+                          eval_timesteps=(0, 501))
 PROMPTS = ["a handwritten digit one", "a handwritten digit two", "a handwritten digit three", "digit four"]
 
 
@@ -99,7 +109,8 @@ def test_warmup_then_linear_decay():
         lrs.append(schedule.get_last_lr()[0])
         optimizer.step()
         schedule.step()
-    assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+    # diffusers' "linear": s / warmup while warming up (step 0 at lr 0), then (total - s) / (total - warmup)
+    assert lrs == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
 
 
 def test_gradient_clipping_actually_applies():
@@ -194,7 +205,7 @@ def test_predictions_are_seeded_and_near_clean_at_t0(model):
 
 def load_pairs(tiny_world):
     table = stage.read_training_pairs(tiny_world / "pairs.parquet")
-    return stage.pair_loader(table, 16, tiny_world / "pairs.parquet"), list(range(len(table)))
+    return pair_loader(table, 16, tiny_world / "pairs.parquet"), list(range(len(table)))
 
 
 def clip_state(spm):
@@ -223,8 +234,8 @@ def test_spm_phase_updates_every_part_and_logs_each_step(spm, model, tiny_world)
     load_batch, indices = load_pairs(tiny_world)
     before, time_before = clip_state(spm), [p.clone() for p in spm.time_conditioning_parameters()]
     tracker = MemoryTracker()
-    losses = train_spm(spm, model, load_batch, indices, CFG, tracker=tracker,
-                       generator=torch.Generator().manual_seed(0))
+    jobs = plan_training_jobs(indices, CFG.max_steps, CFG.batch_size, 1000, seed=0)
+    losses = train_spm(spm, load_batch, jobs, in_process_source(model, load_batch, 5.0), CFG, tracker=tracker)
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     after = clip_state(spm)
     assert sum(not torch.equal(v, before[k]) for k, v in after.items()) > 0.9 * len(before) - 2
@@ -251,11 +262,43 @@ def test_pickscore_relabelling_uses_the_frozen_backbone_on_clean_images(spm, tin
 def test_evaluation_is_repeatable(spm, model, tiny_world):
     load_batch, indices = load_pairs(tiny_world)
     perturb_time_conditioning(spm)
-    kwargs = dict(batch_size=8, guidance_scale=5.0, seed=3)
-    first = evaluate_accuracy(spm, model, load_batch, indices[:16], (0, 501, 951), **kwargs)
-    again = evaluate_accuracy(spm, model, load_batch, indices[:16], (0, 501, 951), **kwargs)
+    jobs = plan_eval_jobs(indices[:16], (0, 501, 951), batch_size=8, seed=3)
+    assert jobs == plan_eval_jobs(indices[:16], (0, 501, 951), batch_size=8, seed=3) and len(jobs) == 6
+    first = evaluate_accuracy(spm, load_batch, jobs, in_process_source(model, load_batch, 5.0))
+    again = evaluate_accuracy(spm, load_batch, jobs, in_process_source(model, load_batch, 5.0))
     assert first == again and set(first) == {0, 501, 951}
     assert all(0.0 <= v <= 1.0 for v in first.values())
+
+
+def test_training_jobs_are_seeded_batches_with_one_timestep_per_pair():
+    jobs = plan_training_jobs(list(range(10)), steps=7, batch_size=4, num_train_timesteps=1000, seed=1)
+    assert jobs == plan_training_jobs(list(range(10)), 7, 4, 1000, seed=1)
+    assert jobs != plan_training_jobs(list(range(10)), 7, 4, 1000, seed=2)
+    assert [len(j.indices) for j in jobs] == [4] * 7 and all(len(j.timesteps) == 4 for j in jobs)
+    assert all(0 <= t < 1000 for j in jobs for t in j.timesteps) and len({j.seed for j in jobs}) == 7
+    first_epoch = sorted(i for j in jobs[:2] for i in j.indices)  # 2 full batches per epoch of 10 pairs
+    assert len(set(first_epoch)) == 8
+
+
+@pytest.mark.slow
+def test_worker_x0_equals_in_process_x0(model, tiny_world):
+    """The prefetching worker (one thread) computes exactly what this process does on one thread."""
+    load_batch, indices = load_pairs(tiny_world)
+    jobs = plan_eval_jobs(indices[:8], (0, 501), batch_size=4, seed=3)
+    spec = X0WorkerSpec(str(tiny_world / "base_model"), None, str(tiny_world / "pairs.parquet"), 16, 5.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = [in_process_source(model, load_batch, 5.0)(job) for job in jobs]
+        with prefetched_source(spec, jobs) as source:
+            there = [source(job) for job in jobs]
+            again = source(jobs[0])  # eval jobs serve before and after training
+            with pytest.raises(KeyError, match="not planned"):
+                source(plan_eval_jobs(indices[:8], (999,), batch_size=4, seed=3)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(here, there) for k in (0, 1))
+    assert torch.equal(again[0], there[0][0])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,7 +327,7 @@ def test_stage_writes_a_trained_spm_and_metrics(tiny_world, tmp_path):
     assert len(changed) > 10
     assert any(not torch.equal(a, b) for a, b in zip(trained.time_conditioning_parameters(),
                                                       backbone.time_conditioning_parameters()))
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".spm")]  # no temp dirs left
+    assert not [p for p in out.parent.iterdir() if p.name.startswith((".spm.tmp-", ".spm.old-"))]  # no temp dirs left
 
 
 @pytest.mark.slow
@@ -337,6 +380,6 @@ def test_split_is_seeded_and_disjoint():
 
 
 def test_sdxl_base_is_refused_clearly(tiny_world, tmp_path):
-    cfg = load_profile("digits", ["model.architecture=sdxl"])
+    cfg = load_profile("digits", ["model.architecture=sdxl"], require_implemented=False)  # the stage guard itself
     with pytest.raises(NotImplementedError, match="sdxl"):
         stage.run(cfg, prepared_dir=tiny_world, out_dir=tmp_path / "spm", tracker=MemoryTracker())

@@ -22,6 +22,7 @@ from transformers import (
 
 from spo.digits.base_model import caption_ids_by_digit
 from spo.digits.captions import EVAL_TEMPLATES, make_caption
+from spo.tracking.progress import no_library_bars
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -109,6 +110,7 @@ def text_encoder_from_backbone(model: CLIPModel) -> CLIPTextModel:
 
 
 def save_backbone(out_dir: Path, model: CLIPModel, processor: CLIPProcessor) -> Path:
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    with no_library_bars():
+        model.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
     return out_dir

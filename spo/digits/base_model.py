@@ -13,7 +13,6 @@ scratch with the UNet was still at chance after 600).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +23,11 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from diffusers.optimization import get_scheduler
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from spo.digits.captions import TRAIN_TEMPLATES, make_caption
+from spo.tracking.progress import no_library_bars
 
 LATENT_CHANNELS = 4
 KL_WEIGHT = 1.0e-4  # per-pixel KL weight: keeps the latent posterior tight without blurring
@@ -67,17 +68,9 @@ def build_scheduler() -> DDIMScheduler:
                          prediction_type="epsilon")
 
 
-def _lr_at(step: int, total: int, peak: float) -> float:
-    """Linear warm-up over 5% of the steps, then cosine decay to 0."""
-    warmup = max(1, total // 20)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def _warmup_cosine(optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over 5% of the steps, then cosine decay to 0 (diffusers' "cosine"; step it per step)."""
+    return get_scheduler("cosine", optimizer, num_warmup_steps=max(1, total // 20), num_training_steps=total)
 
 
 def train_vae(vae: AutoencoderKL, images: torch.Tensor, settings: TrainSettings) -> float:
@@ -85,9 +78,9 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, settings: TrainSettings)
     generator = torch.Generator().manual_seed(settings.seed)
     batch_size = max(1, settings.batch_size // VAE_BATCH_DIVISOR)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.learning_rate, weight_decay=0.0)
+    schedule = _warmup_cosine(optimizer, settings.steps)
     vae.train()
     for step in range(settings.steps):
-        _set_lr(optimizer, _lr_at(step, settings.steps, settings.learning_rate))
         batch = images[torch.randint(0, len(images), (batch_size,), generator=generator)]
         posterior = vae.encode(batch).latent_dist
         recon = vae.decode(posterior.sample(generator)).sample
@@ -96,6 +89,7 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, settings: TrainSettings)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
     vae.eval()
     with torch.no_grad():
         posterior = vae.encode(images).latent_dist
@@ -133,11 +127,11 @@ def train_denoiser(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, toke
     scaling = vae.config.scaling_factor
     caption_states, empty_states = caption_states_by_digit(text_encoder.eval(), tokenizer)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
+    schedule = _warmup_cosine(optimizer, settings.steps)
     alphas_cumprod = scheduler.alphas_cumprod
     unet.train()
     recent: list[float] = []
     for step in range(settings.steps):
-        _set_lr(optimizer, _lr_at(step, settings.steps, settings.learning_rate))
         index = torch.randint(0, len(images), (settings.batch_size,), generator=generator)
         latents = latent_mean[index] + latent_std[index] * torch.randn(latent_mean[index].shape, generator=generator)
         latents = latents * scaling
@@ -156,6 +150,7 @@ def train_denoiser(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, toke
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         recent = (recent + [loss.item()])[-50:]
     unet.eval()
     return sum(recent) / max(1, len(recent))
@@ -167,17 +162,25 @@ def save_base_model(out_dir: Path, *, vae: AutoencoderKL, unet: UNet2DConditionM
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
-    pipeline.save_pretrained(out_dir)
+    with no_library_bars():
+        pipeline.save_pretrained(out_dir)
     return out_dir
 
 
-def train_base_model(out_dir: Path, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, images: torch.Tensor,
-                     digits: torch.Tensor, *, vae_settings: TrainSettings,
-                     unet_settings: TrainSettings) -> dict[str, float]:
-    """Train VAE and UNet under the given (pre-trained, frozen) text encoder; save the pipeline to `out_dir`."""
-    torch.manual_seed(vae_settings.seed)
-    vae = build_vae(images.shape[-1])
-    vae_mse = train_vae(vae, images, vae_settings)
+def fit_vae(image_size: int, settings: TrainSettings) -> tuple[AutoencoderKL, float]:
+    """Build and fit the VAE on the digits at `image_size` (needs nothing else, so it can train in a worker
+    process beside the backbone). Returns the VAE and its reconstruction MSE."""
+    from spo.digits.images import load_digit_images
+
+    images, _ = load_digit_images(image_size)
+    torch.manual_seed(settings.seed)
+    vae = build_vae(image_size)
+    return vae, train_vae(vae, images, settings)
+
+
+def train_base_model(out_dir: Path, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, vae: AutoencoderKL,
+                     images: torch.Tensor, digits: torch.Tensor, *, unet_settings: TrainSettings) -> dict[str, float]:
+    """Train the UNet under the given (pre-trained, frozen) text encoder and fitted VAE; save the pipeline."""
     torch.manual_seed(unet_settings.seed)
     latent_size = images.shape[-1] // 2 ** (len(vae.config.block_out_channels) - 1)
     unet = build_unet(latent_size, text_encoder.config.hidden_size)
@@ -185,6 +188,5 @@ def train_base_model(out_dir: Path, tokenizer: CLIPTokenizer, text_encoder: CLIP
     text_encoder.requires_grad_(False)
     loss = train_denoiser(unet, text_encoder, tokenizer, scheduler, vae, images, digits, unet_settings)
     save_base_model(out_dir, vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
-    return {"vae_mse": vae_mse, "unet_final_loss": loss,
-            "vae_params_m": sum(p.numel() for p in vae.parameters()) / 1e6,
+    return {"unet_final_loss": loss, "vae_params_m": sum(p.numel() for p in vae.parameters()) / 1e6,
             "unet_params_m": sum(p.numel() for p in unet.parameters()) / 1e6}

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
 
 from spo.data.pickapic import decode_image, encode_jpeg
-from spo.diffusion.sampling import sample_images
+from spo.diffusion.cpu_workers import SamplerSpec, sample_batches
 from spo.digits.captions import caption_digit
 from spo.digits.preference_oracle import PreferenceOracle
-from spo.models.diffusion_model import DiffusionModel
+from spo.tracking.progress import progress
 
 MODEL_NAME = "digits-base"
 ORACLE_USER_ID = 0
@@ -39,19 +40,24 @@ def pair_seeds(index: int, seed: int) -> tuple[int, int]:
     return base, base + 1
 
 
-def sample_pair_images(model: DiffusionModel, captions: list[str], seeds: list[tuple[int, int]], resolution: int,
-                       settings: SamplingSettings) -> tuple[list[bytes], list[bytes]]:
-    """JPEG bytes of both images of every pair, sampled in batches of `settings.batch_pairs` pairs."""
+def sample_pair_images(model_dir: Path, captions: list[str], seeds: list[tuple[int, int]], resolution: int,
+                       settings: SamplingSettings, workers: int) -> tuple[list[bytes], list[bytes]]:
+    """JPEG bytes of both images of every pair, in batches of `settings.batch_pairs` pairs spread over
+    `workers` processes (the bytes do not depend on `workers`)."""
+    spec = SamplerSpec(str(model_dir), None, resolution, settings.num_inference_steps, settings.guidance_scale,
+                       settings.eta)
+    starts = range(0, len(captions), settings.batch_pairs)
+    batches = [(captions[i:i + settings.batch_pairs] * 2,
+                [s[0] for s in seeds[i:i + settings.batch_pairs]] + [s[1] for s in seeds[i:i + settings.batch_pairs]])
+               for i in starts]
+    with progress(total=len(batches), desc=f"prepare: sampling pairs ({workers} workers)", unit="batch") as bar:
+        chunks = sample_batches(spec, batches, workers, bar)
     jpg_0: list[bytes] = []
     jpg_1: list[bytes] = []
-    for start in range(0, len(captions), settings.batch_pairs):
-        chunk = captions[start:start + settings.batch_pairs]
-        chunk_seeds = seeds[start:start + settings.batch_pairs]
-        images = sample_images(model, chunk + chunk, [s[0] for s in chunk_seeds] + [s[1] for s in chunk_seeds],
-                               resolution=resolution, num_inference_steps=settings.num_inference_steps,
-                               guidance_scale=settings.guidance_scale, eta=settings.eta)
-        jpg_0 += [encode_jpeg(image) for image in images[:len(chunk)]]
-        jpg_1 += [encode_jpeg(image) for image in images[len(chunk):]]
+    for images in chunks:
+        half = images.shape[0] // 2
+        jpg_0 += [encode_jpeg(image) for image in images[:half]]
+        jpg_1 += [encode_jpeg(image) for image in images[half:]]
     return jpg_0, jpg_1
 
 
@@ -82,15 +88,15 @@ def pairs_frame(captions: list[str], jpg_0: list[bytes], jpg_1: list[bytes], lab
     })
 
 
-def generate_pairs(model: DiffusionModel, oracle: PreferenceOracle, prompts: list[str], *, num_pairs: int,
-                   resolution: int, seed: int, settings: SamplingSettings = SamplingSettings()
+def generate_pairs(model_dir: Path, oracle: PreferenceOracle, prompts: list[str], *, num_pairs: int,
+                   resolution: int, seed: int, workers: int = 1, settings: SamplingSettings = SamplingSettings()
                    ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Sample, encode, rate. Returns the pairs frame and summary statistics of the pairs and the rater."""
     if num_pairs < 1 or not prompts:
         raise ValueError(f"generate_pairs: need num_pairs >= 1 and prompts (got {num_pairs}, {len(prompts)} prompts)")
     captions = [prompts[i % len(prompts)] for i in range(num_pairs)]
-    jpg_0, jpg_1 = sample_pair_images(model, captions, [pair_seeds(i, seed) for i in range(num_pairs)],
-                                      resolution, settings)
+    jpg_0, jpg_1 = sample_pair_images(model_dir, captions, [pair_seeds(i, seed) for i in range(num_pairs)],
+                                      resolution, settings, workers)
     images_0 = torch.stack([decode_image(b, resolution, row=i, column="jpg_0") for i, b in enumerate(jpg_0)])
     images_1 = torch.stack([decode_image(b, resolution, row=i, column="jpg_1") for i, b in enumerate(jpg_1)])
     digits = torch.tensor([caption_digit(c) for c in captions])

@@ -6,25 +6,27 @@ import csv
 from pathlib import Path
 
 import torch
+from diffusers.utils import make_image_grid, pt_to_pil
 from PIL import Image, ImageDraw
 
-from spo.config import Config
-from spo.diffusion.sampling import sample_images
+from spo.diffusion.cpu_workers import SamplerSpec, sample_jobs
 from spo.evaluation.paired_comparison import paired_win_rate
-from spo.models.diffusion_model import DiffusionModel
 from spo.models.step_aware_preference_model import StepAwarePreferenceModel
+from spo.tracking.progress import progress
 
 MODELS = ("base", "spo")
 BATCH = 64
 
 
-def generate(model: DiffusionModel, prompts: list[str], seeds: list[int], cfg: Config) -> torch.Tensor:
-    """Images in [-1, 1] for each (prompt, seed), sampled in batches (per-sample seeds: batch-independent)."""
-    ev = cfg.evaluate
-    chunks = [sample_images(model, prompts[i:i + BATCH], seeds[i:i + BATCH], resolution=cfg.model.resolution,
-                            num_inference_steps=ev.num_inference_steps, guidance_scale=ev.guidance_scale, eta=ev.eta).cpu()
-              for i in range(0, len(prompts), BATCH)]
-    return torch.cat(chunks)
+def generate(specs: dict[str, SamplerSpec], prompts: list[str], seeds: list[int], *,
+             workers: int) -> dict[str, torch.Tensor]:
+    """Images in [-1, 1] of every model for each (prompt, seed); one worker pool serves all models.
+    Per-sample seeds: an image does not depend on its batch-mates (η = 0)."""
+    batches = [(prompts[i:i + BATCH], seeds[i:i + BATCH]) for i in range(0, len(prompts), BATCH)]
+    jobs = [(spec, batch) for spec in specs.values() for batch in batches]
+    with progress(total=len(jobs), desc=f"evaluate: sampling {', '.join(specs)}", unit="batch") as bar:
+        images = sample_jobs(jobs, workers, bar)
+    return {name: torch.cat(images[i * len(batches):(i + 1) * len(batches)]) for i, name in enumerate(specs)}
 
 
 @torch.no_grad()
@@ -49,18 +51,18 @@ def score_images(images: torch.Tensor, prompts: list[str], spm: StepAwarePrefere
 
 
 def image_grid(columns: dict[str, torch.Tensor], captions: list[str], cell: int = 96) -> Image.Image:
-    """One row per (prompt, seed), one column per model; images in [-1, 1]."""
+    """One row per (prompt, seed), one column per model; images in [-1, 1]. The tiles come from
+    `make_image_grid`, pasted beside the captions and under the model names."""
     label_w, head = 220, 20
+    per_model = [pt_to_pil(images[:len(captions)]) for images in columns.values()]
+    tiles = make_image_grid([tile for row in zip(*per_model) for tile in row], rows=len(captions), cols=len(columns))
     grid = Image.new("RGB", (label_w + cell * len(columns), head + cell * len(captions)), "white")
+    grid.paste(tiles.resize((cell * len(columns), cell * len(captions)), Image.NEAREST), (label_w, head))
     draw = ImageDraw.Draw(grid)
     for c, name in enumerate(columns):
         draw.text((label_w + c * cell + 4, 4), name, fill="black")
     for r, caption in enumerate(captions):
         draw.text((4, head + r * cell + cell // 2 - 6), caption[:34], fill="black")
-        for c, images in enumerate(columns.values()):
-            pixels = ((images[r].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-            tile = Image.fromarray(pixels).resize((cell, cell), Image.NEAREST)
-            grid.paste(tile, (label_w + c * cell, head + r * cell))
     return grid
 
 

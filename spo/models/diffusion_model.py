@@ -1,7 +1,7 @@
 """One loader for the text-to-image model: a hub id on a cluster, or a local `save_pretrained` dir.
 
 The digits profile and the tests use local directories written by `save_pretrained`; SD1.5 uses
-`runwayml/stable-diffusion-v1-5`. Both go through `from_pretrained`, so both exercise the same code.
+`stable-diffusion-v1-5/stable-diffusion-v1-5`. Both go through `from_pretrained`, so both exercise the same code.
 """
 
 from __future__ import annotations
@@ -13,15 +13,20 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from spo.tracking.progress import no_library_bars
+
 
 def resolve_model_location(name: str, what: str) -> str:
-    """Return `name` unchanged if it is an existing dir or looks like a hub id; else a clear error."""
+    """Return `name` unchanged if it is an existing dir or looks like a hub id; else a MissingPathError
+    (a FileNotFoundError that the `spo` command prints on one line, exit 2)."""
+    from spo.config import MissingPathError
+
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path)
     looks_local = name.startswith(("/", ".", "~")) or name.count("/") != 1 or path.exists()
     if looks_local:
-        raise FileNotFoundError(f"{what}: local model directory not found: {name}")
+        raise MissingPathError(f"{what}: local model directory not found: {name}")
     return name  # hub id "org/name": resolved by from_pretrained (needs the hub or its cache)
 
 
@@ -65,14 +70,15 @@ def load_diffusion_model(name: str, *, vae: str | None = None, dtype: torch.dtyp
     """Load UNet, VAE, text encoder, tokenizer and a DDIM scheduler from a hub id or a local dir."""
     name = resolve_model_location(name, "base model")
     vae_name = resolve_model_location(vae, "vae") if vae else None
-    model = DiffusionModel(
-        unet=UNet2DConditionModel.from_pretrained(name, subfolder="unet", torch_dtype=dtype),
-        vae=(AutoencoderKL.from_pretrained(vae_name, torch_dtype=dtype) if vae_name
-             else AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=dtype)),
-        text_encoder=CLIPTextModel.from_pretrained(name, subfolder="text_encoder", torch_dtype=dtype),
-        tokenizer=CLIPTokenizer.from_pretrained(name, subfolder="tokenizer"),
-        scheduler=DDIMScheduler.from_pretrained(name, subfolder="scheduler"),
-    )
+    with no_library_bars(name, vae_name):
+        model = DiffusionModel(
+            unet=UNet2DConditionModel.from_pretrained(name, subfolder="unet", torch_dtype=dtype),
+            vae=(AutoencoderKL.from_pretrained(vae_name, torch_dtype=dtype) if vae_name
+                 else AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=dtype)),
+            text_encoder=CLIPTextModel.from_pretrained(name, subfolder="text_encoder", torch_dtype=dtype),
+            tokenizer=CLIPTokenizer.from_pretrained(name, subfolder="tokenizer"),
+            scheduler=DDIMScheduler.from_pretrained(name, subfolder="scheduler"),
+        )
     for net in (model.unet, model.vae, model.text_encoder):
         net.requires_grad_(False).eval().to(device)
     return model

@@ -34,6 +34,7 @@ from transformers import CLIPModel, CLIPProcessor
 
 from spo.models.diffusion_model import resolve_model_location
 from spo.models.preference_inputs import ClipImageTransform, clip_pixel_values
+from spo.tracking.progress import no_library_bars
 
 SPM_CONFIG_FILE = "spm.json"
 TIME_WEIGHTS_FILE = "time_conditioning.safetensors"
@@ -110,15 +111,17 @@ class StepAwarePreferenceModel(nn.Module):
         """Identity-initialised SPM on a CLIP backbone (hub id or local dir); processor defaults to it."""
         backbone = resolve_model_location(name_or_dir, "preference backbone")
         processor_location = resolve_model_location(processor, "preference processor") if processor else backbone
-        clip = CLIPModel.from_pretrained(backbone, dtype=torch.float32)
-        return cls(clip, CLIPProcessor.from_pretrained(processor_location))
+        with no_library_bars(backbone, processor_location):
+            clip = CLIPModel.from_pretrained(backbone, dtype=torch.float32)
+            return cls(clip, CLIPProcessor.from_pretrained(processor_location))
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Backbone + processor (a plain CLIP dir) + time-conditioning weights + spm.json."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.clip.save_pretrained(directory)
-        self.processor.save_pretrained(directory)
+        with no_library_bars():
+            self.clip.save_pretrained(directory)
+            self.processor.save_pretrained(directory)
         time_state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
                       if not k.startswith("clip.")}
         save_file(time_state, str(directory / TIME_WEIGHTS_FILE))

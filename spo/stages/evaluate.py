@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from spo.atomic_write import atomic_dir
 from spo.config import Config, flat_params
 from spo.data.prepared_layout import EVAL_PROMPTS_FILE, ORACLE_DIR, base_model_location
 from spo.data.prompts import read_prompts
+from spo.diffusion.cpu_workers import SamplerSpec, sampling_workers
 from spo.evaluation.model_comparison import (
     MODELS,
     generate,
@@ -25,8 +27,6 @@ from spo.evaluation.model_comparison import (
     summarise,
     write_samples,
 )
-from spo.models.diffusion_model import load_diffusion_model
-from spo.models.lora import load_lora
 from spo.models.step_aware_preference_model import StepAwarePreferenceModel
 from spo.stages.stage_cli import stage_main
 from spo.tracking.tracker import Tracker
@@ -51,10 +51,11 @@ def run(cfg: Config, *, prepared_dir: Path, spm_dir: Path, spo_dir: Path, out_di
     tracker.log_params({**flat_params(ev, "evaluate."), "evaluate.num_samples": len(prompts)})
     spm = StepAwarePreferenceModel.from_pretrained(str(spm_dir / "model")).to(device).eval()
     oracle = load_oracle(cfg, prepared_dir)
-    model = load_diffusion_model(base_model_location(cfg, prepared_dir), vae=cfg.model.vae, device=device)
-    images = {"base": generate(model, prompts, seeds, cfg)}
-    load_lora(model.unet, spo_dir / "lora")
-    images["spo"] = generate(model, prompts, seeds, cfg)
+    # CPU: worker processes on one thread each (the same images for any core count); GPU: this process
+    spec = SamplerSpec(base_model_location(cfg, prepared_dir), None, cfg.model.resolution, ev.num_inference_steps,
+                       ev.guidance_scale, ev.eta, vae_dir=cfg.model.vae, device=device)
+    images = generate({"base": spec, "spo": replace(spec, lora_dir=str(spo_dir / "lora"))}, prompts, seeds,
+                      workers=0 if device == "cuda" else sampling_workers())
     scores = {m: score_images(images[m], prompts, spm, oracle) for m in MODELS}
     summary = summarise(scores, ev.confidence)
     rows = min(ev.grid_prompts * len(ev.seeds), len(prompts))

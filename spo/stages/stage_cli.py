@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from spo.atomic_write import OutputLockedError, output_lock
 from spo.config import Config, ConfigError, load_config
+from spo.tracking.progress import terminal_output
 from spo.tracking.tracker import Tracker
 
 StageBody = Callable[[Config, argparse.Namespace, Tracker], Any]
@@ -28,14 +31,57 @@ def parse_stage_args(stage: str, argv: Sequence[str] | None, paths: Sequence[str
     return load_config(args.params, args.overrides), args
 
 
+@contextmanager
+def config_errors_exit_2(stage: str) -> Iterator[None]:
+    """Bad user input (a ConfigError: bad config, override, or a path it names) -> one line, exit 2.
+    Anything else stays a traceback."""
+    try:
+        yield
+    except ConfigError as err:
+        print(f"spo {stage}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def pin_torch_threads(cfg: Config) -> None:
+    """Run torch on `cfg.torch_threads` CPU threads (see Config.torch_threads): the same numbers on any
+    machine of the CPU family, whatever its core count. Called by every stage, under DVC and KFP."""
+    if cfg.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
+
+
 def stage_main(stage: str, argv: Sequence[str] | None, paths: Sequence[str], body: StageBody) -> Any:
     """Parse args, open the stage's tracked run, call `body`; config errors exit 2 with the message."""
     from spo.tracking.mlflow_tracker import stage_tracker
 
-    try:
+    with config_errors_exit_2(stage):
         cfg, args = parse_stage_args(stage, argv, paths)
-    except ConfigError as err:
-        print(f"spo {stage}: config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    with stage_tracker(stage, cfg) as tracker:
+    pin_torch_threads(cfg)
+    out_dir = getattr(args, "out_dir", None)
+    with config_errors_exit_2(stage), ExitStack() as stack:  # e.g. a model dir the config names is missing
+        stack.enter_context(terminal_output())  # logging on stderr, clear of the progress bars
+        if out_dir is not None:  # one writer per output dir, from the start (not only at the final rename)
+            try:
+                stack.enter_context(output_lock(out_dir))
+            except OutputLockedError as err:
+                print(f"spo {stage}: {err}", file=sys.stderr)
+                raise SystemExit(1) from None
+        tracker = stack.enter_context(stage_tracker(stage, cfg))
         return body(cfg, args, tracker)
+
+
+def component_config(params_yaml: str, parent_run_id: str) -> Config:
+    """What every KFP component does first: nest its MLflow run under the pipeline's parent run, parse
+    the one-string config (a dict parameter would turn ints into floats) and pin torch's threads."""
+    import os
+
+    import yaml
+
+    from spo.config import config_from_dict
+    from spo.tracking.mlflow_tracker import PARENT_RUN_ENV
+
+    os.environ[PARENT_RUN_ENV] = parent_run_id
+    cfg = config_from_dict(yaml.safe_load(params_yaml))
+    pin_torch_threads(cfg)
+    return cfg

@@ -10,7 +10,7 @@ backbone's accuracy on clean images).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 
 from spo.atomic_write import atomic_dir, write_json
 from spo.config import Config
-from spo.data.pickapic import decode_column, read_pairs
+from spo.data.pickapic import read_pairs
 from spo.data.prepared_layout import (
     PAIRS_FILE,
     base_model_location,
@@ -29,9 +29,15 @@ from spo.models.diffusion_model import load_diffusion_model
 from spo.models.step_aware_preference_model import StepAwarePreferenceModel
 from spo.stages.stage_cli import stage_main
 from spo.tracking.tracker import Tracker
+from spo.training.spm_inputs import (
+    X0WorkerSpec,
+    in_process_source,
+    pair_loader,
+    plan_eval_jobs,
+    plan_training_jobs,
+    prefetched_source,
+)
 from spo.training.spm_training import (
-    PairBatch,
-    PairLoader,
     autocast_factory,
     backbone_clean_accuracy,
     evaluate_accuracy,
@@ -69,20 +75,6 @@ def read_training_pairs(path: Path) -> pd.DataFrame:
     return table
 
 
-def pair_loader(table: pd.DataFrame, size: int, source: Path) -> PairLoader:
-    """Decode rows on demand, so a large table never sits decoded in memory."""
-    def load(indices: Sequence[int]) -> PairBatch:
-        rows = table.iloc[list(indices)]
-        try:
-            images = {c: decode_column(rows, c, size) for c in ("jpg_0", "jpg_1")}
-        except ValueError as err:
-            raise ValueError(f"{source}: {err}") from err
-        return PairBatch(prompts=[str(c) for c in rows["caption"]], images_0=images["jpg_0"], images_1=images["jpg_1"],
-                         label_0=torch.tensor(rows["label_0"].to_numpy(float), dtype=torch.float32),
-                         label_1=torch.tensor(rows["label_1"].to_numpy(float), dtype=torch.float32))
-    return load
-
-
 def split_pairs(num_pairs: int, seed: int) -> tuple[list[int], list[int]]:
     """(train, eval) row indices: a seeded ~10% hold-out (at least 1, at most MAX_EVAL_PAIRS)."""
     order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -109,40 +101,47 @@ def run(cfg: Config, *, prepared_dir: Path, out_dir: Path, tracker: Tracker) -> 
     load_batch = pair_loader(table, cfg.model.resolution, pairs_path)
     train_idx, eval_idx = split_pairs(len(table), cfg.seed)
 
-    model = load_diffusion_model(base_model_location(cfg, prepared_dir), vae=cfg.model.vae,
+    model_location = base_model_location(cfg, prepared_dir)
+    model = load_diffusion_model(model_location, vae=cfg.model.vae,
                                  dtype=DTYPES[cfg.model.dtype] if device.type == "cuda" else torch.float32,
                                  device=device)
     spm = StepAwarePreferenceModel.from_backbone(preference_backbone_location(cfg, prepared_dir),
                                                  cfg.model.preference_processor).to(device).eval()
     generator = torch.Generator().manual_seed(cfg.seed)
     metrics: dict[str, float] = {"num_train_pairs": float(len(train_idx)), "num_eval_pairs": float(len(eval_idx))}
+    # every x̂0 input is planned now: on a CPU a worker computes them while the preference phase trains here
+    eval_jobs = plan_eval_jobs(eval_idx, spm_cfg.eval_timesteps, spm_cfg.batch_size, cfg.seed + 1)
+    train_jobs = plan_training_jobs(train_idx, spm_cfg.max_steps, spm_cfg.batch_size,
+                                    model.scheduler.config.num_train_timesteps, cfg.seed + 2)
+    worker = X0WorkerSpec(model_location, cfg.model.vae, str(pairs_path), cfg.model.resolution, spm_cfg.guidance_scale)
+    with (nullcontext(in_process_source(model, load_batch, spm_cfg.guidance_scale)) if device.type == "cuda"
+          else prefetched_source(worker, eval_jobs + train_jobs)) as x0_source:
 
-    def clean_accuracy() -> float:  # on the human labels, whatever the training labels are
-        return backbone_clean_accuracy(spm, load_batch, eval_idx, batch_size=spm_cfg.batch_size, autocast=autocast)
+        def clean_accuracy() -> float:  # on the human labels, whatever the training labels are
+            return backbone_clean_accuracy(spm, load_batch, eval_idx, batch_size=spm_cfg.batch_size,
+                                           autocast=autocast)
 
-    metrics["backbone_accuracy_clean_initial"] = clean_accuracy()
-    if spm_cfg.preference_steps > 0:
-        losses = train_preference_backbone(spm, load_batch, train_idx, spm_cfg, tracker=tracker,
-                                           generator=generator, autocast=autocast)
-        metrics["preference_final_loss"] = _tail_mean(losses)
-    metrics["backbone_accuracy_clean"] = clean_accuracy()
+        metrics["backbone_accuracy_clean_initial"] = clean_accuracy()
+        if spm_cfg.preference_steps > 0:
+            losses = train_preference_backbone(spm, load_batch, train_idx, spm_cfg, tracker=tracker,
+                                               generator=generator, autocast=autocast)
+            metrics["preference_final_loss"] = _tail_mean(losses)
+        metrics["backbone_accuracy_clean"] = clean_accuracy()
 
-    if spm_cfg.use_pickscore_labels:
-        load_batch = relabelled_by_backbone(load_batch, frozen_copy(spm), spm_cfg.pickscore_label_threshold, autocast)
+        if spm_cfg.use_pickscore_labels:
+            load_batch = relabelled_by_backbone(load_batch, frozen_copy(spm), spm_cfg.pickscore_label_threshold,
+                                                autocast)
 
-    def accuracy_at_eval_timesteps(prefix: str) -> None:
-        acc = evaluate_accuracy(spm, model, load_batch, eval_idx, spm_cfg.eval_timesteps,
-                                batch_size=spm_cfg.batch_size, guidance_scale=spm_cfg.guidance_scale,
-                                seed=cfg.seed + 1, autocast=autocast)
-        metrics.update({f"{prefix}accuracy_t{t}": value for t, value in acc.items()})
+        def accuracy_at_eval_timesteps(prefix: str) -> None:
+            acc = evaluate_accuracy(spm, load_batch, eval_jobs, x0_source, autocast=autocast)
+            metrics.update({f"{prefix}accuracy_t{t}": value for t, value in acc.items()})
 
-    accuracy_at_eval_timesteps("initial_")
-    spm_started = time.perf_counter()
-    losses = train_spm(spm, model, load_batch, train_idx, spm_cfg, tracker=tracker, generator=generator,
-                       autocast=autocast)
-    metrics["spm_train_seconds"] = time.perf_counter() - spm_started
-    metrics["final_loss"] = _tail_mean(losses)
-    accuracy_at_eval_timesteps("")
+        accuracy_at_eval_timesteps("initial_")
+        spm_started = time.perf_counter()
+        losses = train_spm(spm, load_batch, train_jobs, x0_source, spm_cfg, tracker=tracker, autocast=autocast)
+        metrics["spm_train_seconds"] = time.perf_counter() - spm_started
+        metrics["final_loss"] = _tail_mean(losses)
+        accuracy_at_eval_timesteps("")
     metrics["stage_seconds"] = time.perf_counter() - started
 
     tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=spm_cfg.max_steps)

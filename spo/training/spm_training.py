@@ -21,8 +21,10 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
+from diffusers.optimization import get_scheduler
 from torch import nn
 
 from spo.config import TrainSPMConfig
@@ -30,7 +32,11 @@ from spo.diffusion.ddim import predict_x0
 from spo.diffusion.guidance import guided_noise_pred
 from spo.models.diffusion_model import DiffusionModel
 from spo.models.step_aware_preference_model import StepAwarePreferenceModel
+from spo.tracking.progress import progress
 from spo.tracking.tracker import Tracker
+
+if TYPE_CHECKING:  # spm_inputs builds on this module's helpers
+    from spo.training.spm_inputs import X0Job, X0Source
 
 AutocastFactory = Callable[[], AbstractContextManager]
 
@@ -171,15 +177,11 @@ def make_optimizer(model: nn.Module, learning_rate: float, weight_decay: float,
 
 def warmup_decay_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int,
                           total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup to the peak over `warmup_steps`, then linear decay to 0 at `total_steps`."""
-    warmup = min(max(warmup_steps, 0), total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    """Linear warmup to the peak over `warmup_steps`, then linear decay to 0 at `total_steps`: diffusers'
+    "linear" schedule, stepped once per optimizer step (step s < warmup runs at s/warmup of the peak, so
+    step 0 at lr 0)."""
+    return get_scheduler("linear", optimizer, num_warmup_steps=min(max(warmup_steps, 0), total_steps),
+                         num_training_steps=total_steps)
 
 
 def optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
@@ -210,7 +212,7 @@ def batch_indices(indices: Sequence[int], batch_size: int, generator: torch.Gene
 def autocast_factory(mixed_precision: str, device: torch.device) -> AutocastFactory:
     """bf16 autocast on CUDA when asked; fp32 on CPU (bf16 matmuls are slower there)."""
     if mixed_precision == "fp16":
-        raise ValueError("train_spm.mixed_precision: 'fp16' is not supported (needs loss scaling); use 'bf16' or 'no'")
+        raise ValueError("train_spm.mixed_precision: 'fp16' is not supported (needs loss scaling); use 'bf16' or 'fp32'")
     if mixed_precision == "bf16" and device.type == "cuda":
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext
@@ -219,22 +221,23 @@ def autocast_factory(mixed_precision: str, device: torch.device) -> AutocastFact
 # ----------------------------------------------------------------------------------------------------
 # the two training phases share one loop: batch -> pair scores -> loss -> clipped AdamW step -> log
 
-PairScorer = Callable[[PairBatch], tuple[torch.Tensor, torch.Tensor]]
+PairScorer = Callable[[int, PairBatch], tuple[torch.Tensor, torch.Tensor]]
 
 
 def fit_pairs(spm: StepAwarePreferenceModel, named_params: list[tuple[str, nn.Parameter]], pair_scores: PairScorer,
-              load_batch: PairLoader, train_indices: Sequence[int], *, learning_rate: float, steps: int,
-              cfg: TrainSPMConfig, tracker: Tracker, generator: torch.Generator, prefix: str) -> list[float]:
-    """`steps` AdamW steps (warmup-decay, clipped) of `spm_loss` on `pair_scores`; logs `{prefix}/…`."""
+              load_batch: PairLoader, batches: Iterator[list[int]] | Iterator[tuple[int, ...]], *,
+              learning_rate: float, steps: int, cfg: TrainSPMConfig, tracker: Tracker, prefix: str) -> list[float]:
+    """`steps` AdamW steps (warmup-decay, clipped) of `spm_loss` on `pair_scores`; logs `{prefix}/…`.
+    `pair_scores(step, batch)` scores both images of the step's batch (step counts from 0)."""
     params = [p for _, p in named_params]
     optimizer = make_optimizer(spm, learning_rate, cfg.weight_decay, named_params)
     scheduler = warmup_decay_schedule(optimizer, cfg.warmup_steps, steps)
-    batches = batch_indices(train_indices, cfg.batch_size, generator)
     losses = []
     spm.train()
-    for step in range(1, steps + 1):
+    bar = progress(range(1, steps + 1), desc=f"train_spm: {prefix}")
+    for step in bar:
         batch = load_batch(next(batches))
-        scores_0, scores_1 = pair_scores(batch)
+        scores_0, scores_1 = pair_scores(step - 1, batch)
         label_0, label_1 = batch.label_0.to(scores_0.device), batch.label_1.to(scores_0.device)
         loss = spm_loss(scores_0.float(), scores_1.float(), label_0, label_1)
         loss.backward()
@@ -246,8 +249,15 @@ def fit_pairs(spm: StepAwarePreferenceModel, named_params: list[tuple[str, nn.Pa
         if not math.isnan(accuracy):
             logs[f"{prefix}/accuracy"] = accuracy
         tracker.log_metrics(logs, step=step)
+        bar.set_postfix(loss=f"{_recent_mean(losses):.4f}", lr=f"{lr:.1e}", refresh=False)
     spm.eval()
     return losses
+
+
+def _recent_mean(values: list[float], window: int = 20) -> float:
+    """The loss a progress bar shows: one batch of 16 pairs is too noisy to read."""
+    tail = values[-window:]
+    return sum(tail) / len(tail)
 
 
 def backbone_pair_scores(spm: StepAwarePreferenceModel, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,13 +275,14 @@ def train_preference_backbone(spm: StepAwarePreferenceModel, load_batch: PairLoa
     Only `spm.clip` gets gradients, so the time conditioning stays at its identity init: afterwards
     the SPM is exactly the identity-initialised SPM of the fine-tuned backbone. Returns the losses.
     """
-    def pair_scores(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair_scores(step: int, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast():
             return backbone_pair_scores(spm, batch)
 
     named = [(n, p) for n, p in spm.named_parameters() if n.startswith("clip.")]
-    return fit_pairs(spm, named, pair_scores, load_batch, train_indices, learning_rate=cfg.preference_learning_rate,
-                     steps=cfg.preference_steps, cfg=cfg, tracker=tracker, generator=generator, prefix="preference")
+    batches = batch_indices(train_indices, cfg.batch_size, generator)
+    return fit_pairs(spm, named, pair_scores, load_batch, batches, learning_rate=cfg.preference_learning_rate,
+                     steps=cfg.preference_steps, cfg=cfg, tracker=tracker, prefix="preference")
 
 
 def sample_timesteps(batch_size: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
@@ -287,22 +298,19 @@ def spm_pair_scores(spm: StepAwarePreferenceModel, images_0: torch.Tensor, image
     return scores.chunk(2)
 
 
-def train_spm(spm: StepAwarePreferenceModel, model: DiffusionModel, load_batch: PairLoader,
-              train_indices: Sequence[int], cfg: TrainSPMConfig, *, tracker: Tracker, generator: torch.Generator,
-              autocast: AutocastFactory = nullcontext) -> list[float]:
-    """Phase 2: `cfg.max_steps` steps on x̂0 pairs at t ~ U{0..T−1}; every SPM parameter trains."""
-    num_train_timesteps = model.scheduler.config.num_train_timesteps
-
-    def pair_scores(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        timesteps = sample_timesteps(len(batch.prompts), num_train_timesteps, generator)
-        x0_0, x0_1 = noisy_x0_images(model, batch.images_0, batch.images_1, batch.prompts, timesteps,
-                                     cfg.guidance_scale, generator)
+def train_spm(spm: StepAwarePreferenceModel, load_batch: PairLoader, jobs: Sequence[X0Job], x0_source: X0Source,
+              cfg: TrainSPMConfig, *, tracker: Tracker, autocast: AutocastFactory = nullcontext) -> list[float]:
+    """Phase 2: one step per planned job (`spm_inputs.plan_training_jobs`: its pairs, t ~ U{0..T−1}, noise)
+    on the x̂0 that `x0_source` gives for it; every SPM parameter trains."""
+    def pair_scores(step: int, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        x0_0, x0_1 = x0_source(jobs[step])
+        timesteps = torch.tensor(jobs[step].timesteps)
         with autocast():
             return spm_pair_scores(spm, x0_0, x0_1, batch.prompts, timesteps)
 
     named = [(n, p) for n, p in spm.named_parameters() if p.requires_grad]
-    return fit_pairs(spm, named, pair_scores, load_batch, train_indices, learning_rate=cfg.learning_rate,
-                     steps=cfg.max_steps, cfg=cfg, tracker=tracker, generator=generator, prefix="spm")
+    return fit_pairs(spm, named, pair_scores, load_batch, iter(job.indices for job in jobs),
+                     learning_rate=cfg.learning_rate, steps=len(jobs), cfg=cfg, tracker=tracker, prefix="spm")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -310,29 +318,24 @@ def train_spm(spm: StepAwarePreferenceModel, model: DiffusionModel, load_batch: 
 
 
 @torch.no_grad()
-def evaluate_accuracy(spm: StepAwarePreferenceModel, model: DiffusionModel, load_batch: PairLoader,
-                      indices: Sequence[int], timesteps: Sequence[int], *, batch_size: int, guidance_scale: float,
-                      seed: int, autocast: AutocastFactory = nullcontext) -> dict[int, float]:
-    """Pairwise SPM accuracy (ties excluded) on x̂0 pairs at each fixed t. The noise depends only on
-    `seed`, so two calls (before/after training) see identical inputs."""
+def evaluate_accuracy(spm: StepAwarePreferenceModel, load_batch: PairLoader, jobs: Sequence[X0Job],
+                      x0_source: X0Source, *, autocast: AutocastFactory = nullcontext) -> dict[int, float]:
+    """Pairwise SPM accuracy (ties excluded) on the x̂0 of fixed-t jobs (`spm_inputs.plan_eval_jobs`), per t.
+    The same jobs before and after training mean identical inputs."""
     was_training = spm.training
     spm.eval()
-    accuracy = {}
-    for t in timesteps:
-        generator = torch.Generator().manual_seed(seed)
-        correct = counted = 0
-        for start in range(0, len(indices), batch_size):
-            batch = load_batch(indices[start:start + batch_size])
-            t_batch = torch.full((len(batch.prompts),), int(t), dtype=torch.long)
-            x0_0, x0_1 = noisy_x0_images(model, batch.images_0, batch.images_1, batch.prompts, t_batch,
-                                         guidance_scale, generator)
-            with autocast():
-                scores_0, scores_1 = spm_pair_scores(spm, x0_0, x0_1, batch.prompts, t_batch)
-            c, n = pairwise_correct(scores_0.cpu(), scores_1.cpu(), batch.label_0, batch.label_1)
-            correct, counted = correct + c, counted + n
-        accuracy[int(t)] = correct / counted if counted else float("nan")
+    counts: dict[int, list[int]] = {}
+    for job in progress(jobs, desc="train_spm: accuracy", unit="batch"):
+        batch = load_batch(job.indices)
+        x0_0, x0_1 = x0_source(job)
+        timesteps = torch.tensor(job.timesteps)
+        with autocast():
+            scores_0, scores_1 = spm_pair_scores(spm, x0_0, x0_1, batch.prompts, timesteps)
+        c, n = pairwise_correct(scores_0.cpu(), scores_1.cpu(), batch.label_0, batch.label_1)
+        tally = counts.setdefault(job.timesteps[0], [0, 0])
+        tally[0], tally[1] = tally[0] + c, tally[1] + n
     spm.train(was_training)
-    return accuracy
+    return {t: correct / counted if counted else float("nan") for t, (correct, counted) in counts.items()}
 
 
 @torch.no_grad()

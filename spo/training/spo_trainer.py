@@ -20,6 +20,7 @@ from spo.diffusion.guidance import guided_noise_pred
 from spo.diffusion.sampling import latent_shape
 from spo.models.diffusion_model import DiffusionModel
 from spo.models.lora import adapter_disabled
+from spo.tracking.progress import progress
 from spo.tracking.tracker import Tracker
 from spo.training.spo_loss import spo_loss
 from spo.training.step_sampling import (
@@ -115,7 +116,9 @@ def train_spo(model: DiffusionModel, score_fn_for: Callable[[list[str]], ScoreFn
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
     uncond = model.encode_prompts([""])
     step = 0
-    for round_idx, (epoch, round_prompts) in enumerate(prompt_rounds(prompts, cfg, seed)):
+    bar = progress(prompt_rounds(prompts, cfg, seed), desc="train_spo", total=num_rounds(len(prompts), cfg),
+                   unit="round")
+    for round_idx, (epoch, round_prompts) in enumerate(bar):
         cond = model.encode_prompts(round_prompts)
         init = torch.randn((len(round_prompts), *latent_shape(model, resolution)), generator=generator)
         model.unet.eval()
@@ -133,4 +136,6 @@ def train_spo(model: DiffusionModel, score_fn_for: Callable[[list[str]], ScoreFn
             step += 1
             tracker.log_metrics(logs, step=step)
             history.append({"step": step, "epoch": epoch, "round": round_idx, **logs, **round_logs})
+        bar.set_postfix(epoch=epoch, kept=f"{stats.kept_pair_rate:.2f}", step=step,
+                        loss=f"{history[-1]['loss']:.4f}" if history else "-", refresh=False)
     model.unet.eval()
