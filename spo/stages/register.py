@@ -18,6 +18,8 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
 
 from spo.atomic_write import write_json
 from spo.config import Config
@@ -30,6 +32,9 @@ LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 EVAL_METRICS_FILE = "metrics.json"
 REGISTRATION_FILE = "registration.json"
 MODEL_NAME_IN_RUN = "spo_lora"
+# what `predict` takes and returns, shown in the MLflow UI (MLflow cannot infer it from DataFrame hints)
+SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed", required=False)]),
+                           outputs=Schema([ColSpec("string", "prompt"), ColSpec("binary", "image_png")]))
 
 
 class SPOLoRAPipeline(mlflow.pyfunc.PythonModel):
@@ -102,7 +107,7 @@ def run(cfg: Config, *, prepared_dir: Path, spo_dir: Path, eval_dir: Path, out_d
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME_IN_RUN, python_model=SPOLoRAPipeline(), artifacts=artifacts,
             model_config={"base_model": base, "profile": cfg.profile}, pip_requirements=_pip_requirements(),
-            registered_model_name=name,
+            registered_model_name=name, signature=SIGNATURE,
         )
         if metrics:
             mlflow.log_metrics(metrics, model_id=info.model_id, run_id=active.info.run_id)

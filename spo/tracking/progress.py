@@ -52,6 +52,8 @@ def configure_logging(level: int = logging.INFO) -> None:
     if not any(isinstance(h, _StderrHandler) for h in root.handlers):
         root.addHandler(_StderrHandler())
     root.setLevel(level)
+    # MLflow draws a bar for every artifact it copies while registering a model: dozens of instant bars
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 
