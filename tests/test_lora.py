@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +71,23 @@ def test_pipeline_load_lora_weights_reproduces_the_trained_outputs(trained, tiny
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
     pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS_FILE)
     torch.testing.assert_close(unet_out(pipe.unet, inputs), out, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow  # three subprocesses
+def test_the_adapter_file_does_not_depend_on_the_hash_seed(tmp_path):
+    """peft stores target_modules as a set; the saved file must be the same bytes in every process."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import torch, dataclasses;"
+            "from tiny_models import build_tiny_sd; from spo.config import load_profile;"
+            "from spo.models.diffusion_model import load_diffusion_model; from spo.models.lora import add_lora, save_lora;"
+            "from pathlib import Path; out = Path(sys.argv[1]);"
+            "m = load_diffusion_model(str(build_tiny_sd(out / 'sd')));"
+            "add_lora(m.unet, load_profile('digits').train_spo); save_lora(m.unet, out / 'lora')")
+    files = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / seed
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True, env={**os.environ, "PYTHONHASHSEED": seed})
+        files.append((out / "lora" / LORA_WEIGHTS_FILE).read_bytes())
+    assert files[0] == files[1] == files[2]

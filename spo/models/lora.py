@@ -49,8 +49,12 @@ def save_lora(unet: UNet2DConditionModel, out_dir: Path) -> None:
     assume alpha = rank, and an adapter trained with alpha != rank reloads with another scale (alpha / r).
     """
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    metadata = unet.peft_config["default"].to_dict()
+    # peft keeps target_modules as a set: its order follows the process's hash seed, so sort it, or the
+    # same weights give another file (and another DVC hash) in every run
+    metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in metadata.items()}
     StableDiffusionPipeline.save_lora_weights(str(out_dir), unet_lora_layers=layers, safe_serialization=True,
-                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+                                              unet_lora_adapter_metadata=metadata)
 
 
 def load_lora(unet: UNet2DConditionModel, lora_dir: Path) -> None:
