@@ -6,6 +6,7 @@ The reference model is the same UNet with the adapter disabled: no second copy i
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +56,18 @@ def save_lora(unet: UNet2DConditionModel, out_dir: Path) -> None:
     metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in metadata.items()}
     StableDiffusionPipeline.save_lora_weights(str(out_dir), unet_lora_layers=layers, safe_serialization=True,
                                               unet_lora_adapter_metadata=metadata)
+    _canonical_header(Path(out_dir) / LORA_WEIGHTS_FILE)
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header with sorted keys: safetensors writes its `__metadata__` map in a
+    per-process random order, so identical adapters would otherwise differ in bytes (and DVC hash).
+    The format: 8-byte little-endian header length, the JSON header (padded to 8 bytes), the data."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + size:])
 
 
 def load_lora(unet: UNet2DConditionModel, lora_dir: Path) -> None:
