@@ -383,3 +383,10 @@ def test_sdxl_base_is_refused_clearly(tiny_world, tmp_path):
     cfg = load_profile("digits", ["model.architecture=sdxl"], require_implemented=False)  # the stage guard itself
     with pytest.raises(NotImplementedError, match="sdxl"):
         stage.run(cfg, prepared_dir=tiny_world, out_dir=tmp_path / "spm", tracker=MemoryTracker())
+
+
+def test_prefetch_is_only_for_inputs_that_fit_in_memory():
+    jobs = plan_eval_jobs(list(range(100)), (0, 251, 501, 701, 951), batch_size=16, seed=0)
+    assert stage.prefetch_bytes(jobs, 16) == 500 * 2 * 3 * 16 * 16 * 4  # digits: 1.5 MB of eval inputs
+    real = plan_training_jobs(list(range(1000)), 8000, 16, 1000, seed=0)  # the SD1.5 recipe at 512 px
+    assert stage.prefetch_bytes(real, 512) > stage.MAX_PREFETCH_BYTES

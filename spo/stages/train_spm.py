@@ -10,6 +10,7 @@ backbone's accuracy on clean images).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from spo.models.step_aware_preference_model import StepAwarePreferenceModel
 from spo.stages.stage_cli import stage_main
 from spo.tracking.tracker import Tracker
 from spo.training.spm_inputs import (
+    X0Job,
     X0WorkerSpec,
     in_process_source,
     pair_loader,
@@ -75,6 +77,14 @@ def read_training_pairs(path: Path) -> pd.DataFrame:
     return table
 
 
+MAX_PREFETCH_BYTES = 2 * 2**30  # the worker keeps every x̂0 it computed: fine for digits (~35 MB), not for 512 px
+
+
+def prefetch_bytes(jobs: Sequence[X0Job], resolution: int) -> int:
+    """Memory the prefetching worker's results take: two float32 RGB images per pair of every job."""
+    return sum(len(job.indices) for job in jobs) * 2 * 3 * resolution**2 * 4
+
+
 def split_pairs(num_pairs: int, seed: int) -> tuple[list[int], list[int]]:
     """(train, eval) row indices: a seeded ~10% hold-out (at least 1, at most MAX_EVAL_PAIRS)."""
     order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -114,8 +124,9 @@ def run(cfg: Config, *, prepared_dir: Path, out_dir: Path, tracker: Tracker) -> 
     train_jobs = plan_training_jobs(train_idx, spm_cfg.max_steps, spm_cfg.batch_size,
                                     model.scheduler.config.num_train_timesteps, cfg.seed + 2)
     worker = X0WorkerSpec(model_location, cfg.model.vae, str(pairs_path), cfg.model.resolution, spm_cfg.guidance_scale)
-    with (nullcontext(in_process_source(model, load_batch, spm_cfg.guidance_scale)) if device.type == "cuda"
-          else prefetched_source(worker, eval_jobs + train_jobs)) as x0_source:
+    prefetch = device.type == "cpu" and prefetch_bytes(eval_jobs + train_jobs, cfg.model.resolution) <= MAX_PREFETCH_BYTES
+    with (prefetched_source(worker, eval_jobs + train_jobs) if prefetch
+          else nullcontext(in_process_source(model, load_batch, spm_cfg.guidance_scale))) as x0_source:
 
         def clean_accuracy() -> float:  # on the human labels, whatever the training labels are
             return backbone_clean_accuracy(spm, load_batch, eval_idx, batch_size=spm_cfg.batch_size,
