@@ -195,14 +195,20 @@ def _git_commit() -> str | None:
 
 
 def _process_start(pid: int) -> str | None:
-    """A process's start time (distinguishes a reused pid), or None if it does not exist."""
+    """A process's start time (distinguishes a reused pid), or None if it does not exist.
+
+    On Linux the clock ticks since boot from /proc: psutil's create_time adds the boot time, which moves
+    when the wall clock is stepped (NTP), so two stages of one `dvc repro` could see different keys."""
+    stat = Path(f"/proc/{pid}/stat")
+    if Path("/proc/self/stat").exists():
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[19]  # clock ticks since boot
+        except (OSError, IndexError):
+            return None
     try:
         import psutil
     except ImportError:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]  # clock ticks
-        except (OSError, IndexError):
-            return None
+        return None
     try:
         return f"{psutil.Process(pid).create_time():.2f}"
     except psutil.Error:
