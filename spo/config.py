@@ -38,12 +38,10 @@ from pydantic.dataclasses import dataclass
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
-# What runs today: dotted key -> (the values that run, what any other value needs). The issue that
-# builds one deletes its line here (and the NotImplementedError guard in its stage).
-NOT_IMPLEMENTED = {
-    "prepare.dataset": (("digits",), "Pick-a-Pic preparation"),
-    "model.architecture": (("sd15",), "the SDXL path"),
-}
+# What a whole profile cannot run yet: dotted key -> (the values that run, what any other value needs);
+# the issue that builds one deletes its line. Empty now: every profile loads. What one stage cannot do
+# yet is refused by that stage, naming it (train_spo: SDXL/MSPO).
+NOT_IMPLEMENTED: dict[str, tuple[tuple[object, ...], str]] = {}
 
 
 class ConfigError(ValueError):
@@ -108,7 +106,16 @@ class PrepareConfig:
     """Data preparation. `digits` builds the whole embedded world; `pickapic` reads Pick-a-Pic."""
 
     dataset: Literal["digits", "pickapic_v1", "pickapic_v2"]
-    num_pairs: PositiveInt
+    num_pairs: PositiveInt  # digits: pairs generated; Pick-a-Pic: unused (see max_pairs)
+    # Pick-a-Pic only. data_dir: a local mirror of the dataset's parquet shards (the hub repo layout,
+    # data/{split}-NNNNN-of-MMMMM-*.parquet, or those files flat in the dir); None = the hub
+    # (yuvalkirstain/<dataset>, token from HF_TOKEN).
+    data_dir: Name | None
+    shards: Annotated[tuple[Count, ...], Field(min_length=1)] | None  # train shard numbers NNNNN; None = all
+    max_pairs: PositiveInt | None  # stop after this many kept train pairs; None = all
+    rows_per_shard: PositiveInt  # rows per prepared parquet shard
+    train_prompts: Name | None  # SPO prompt file (JSON list of {caption, trainset_idx}); None = the 4k shipped
+    eval_prompts: Name | None  # None = the captions of Pick-a-Pic's validation_unique split
     image_size: Annotated[StrictInt, Field(ge=8, multiple_of=8)]
     vae_train_steps: Count
     unet_train_steps: Count
@@ -123,6 +130,8 @@ class PrepareConfig:
 class ValidateConfig:
     min_rows: Count
     max_tie_fraction: Fraction
+    max_bad_fraction: Fraction  # rows quarantined (any rule) above this fraction fail the stage
+    max_caption_length: PositiveInt  # characters
 
 
 @section
@@ -142,6 +151,10 @@ class TrainSPMConfig:
     pickscore_label_threshold: Fraction  # a gap between two softmax probabilities
     eval_timesteps: Annotated[tuple[Timestep, ...], Field(min_length=1)]
     mixed_precision: Precision
+    # a published SPM checkpoint (hub repo, .bin file or dir holding it) or an SPM dir of ours to start
+    # from; with max_steps 0 the stage only loads, evaluates and re-saves it. None = the backbone.
+    init_from: Name | None
+    checkpoint_every: Count  # optimizer steps between resumable checkpoints; 0 = none
 
 
 @section

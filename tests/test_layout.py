@@ -1,6 +1,6 @@
 """The import picture of `spo/` (DESIGN 2): arrows point down only.
 
-    cli -> stages -> training / evaluation / digits -> models / diffusion / data -> tracking -> config
+    cli -> stages -> training / evaluation / digits / standins -> models / diffusion / data -> tracking -> config
 
 A module may import its own layer or a lower one; lazy imports inside functions count too.
 """
@@ -16,11 +16,11 @@ LAYERS = {
     "spo": 0, "spo.config": 0, "spo.atomic_write": 0,
     "spo.tracking": 1,
     "spo.data": 2, "spo.models": 2, "spo.diffusion": 2,
-    "spo.training": 3, "spo.evaluation": 3, "spo.digits": 3,
+    "spo.training": 3, "spo.evaluation": 3, "spo.digits": 3, "spo.standins": 3,
     "spo.stages": 4,
     "spo.cli": 5,
 }
-SUBPACKAGES = ("data", "models", "diffusion", "training", "evaluation", "tracking", "digits", "stages")
+SUBPACKAGES = ("data", "models", "diffusion", "training", "evaluation", "tracking", "digits", "standins", "stages")
 
 
 def layer_of(module: str) -> tuple[str, int]:

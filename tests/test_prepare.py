@@ -20,6 +20,7 @@ from spo.models.diffusion_model import load_diffusion_model
 from spo.stages import prepare
 from spo.tracking.tracker import MemoryTracker
 
+DIGITS_PAIRS = f"{inputs.PAIRS_DIR}/{inputs.shard_name(inputs.TRAIN_SPLIT, 0)}"
 TINY = ["prepare.vae_train_steps=3", "prepare.unet_train_steps=3", "prepare.backbone_train_steps=3",
         "prepare.train_batch_size=8", "prepare.num_pairs=12"]
 
@@ -47,7 +48,7 @@ def test_prepare_writes_every_output_and_its_metrics(prepared):
     _, out, metrics, _ = prepared
     for name in (inputs.BASE_MODEL_DIR, inputs.BACKBONE_DIR, inputs.ORACLE_DIR):
         assert (out / name).is_dir(), name
-    for name in (inputs.PAIRS_FILE, inputs.TRAIN_PROMPTS_FILE, inputs.EVAL_PROMPTS_FILE, prepare.METRICS_FILE):
+    for name in (DIGITS_PAIRS, inputs.TRAIN_PROMPTS_FILE, inputs.EVAL_PROMPTS_FILE, prepare.METRICS_FILE):
         assert (out / name).is_file(), name
     assert json.loads((out / prepare.METRICS_FILE).read_text()) == pytest.approx(metrics)
     for key in ("vae_mse", "base_alignment_accuracy", "base_aesthetic_mean", "real_aesthetic_mean",
@@ -91,7 +92,8 @@ def test_backbone_and_oracle_load_from_their_directories(prepared):
 @pytest.mark.slow
 def test_pairs_parquet_has_the_pickapic_schema_and_valid_labels(prepared):
     cfg, out, metrics, _ = prepared
-    path = out / inputs.PAIRS_FILE
+    path = out / DIGITS_PAIRS
+    assert inputs.split_shards(out / inputs.PAIRS_DIR, inputs.TRAIN_SPLIT) == [path]  # one shard, no eval split
     assert pq.read_schema(path).remove_metadata() == PICKAPIC_SCHEMA
     frame = read_pairs(path)
     assert len(frame) == cfg.prepare.num_pairs and frame["ranking_id"].is_unique
@@ -137,20 +139,13 @@ def test_pair_generation_is_reproducible_for_a_seed(prepared):
     assert (first["jpg_0"] != other["jpg_0"]).all()
 
 
-def test_other_datasets_are_a_later_issue_and_write_nothing(tmp_path):
-    cfg = load_profile("digits", overrides=["prepare.dataset=pickapic_v2"], require_implemented=False)  # the stage guard
-    with pytest.raises(NotImplementedError, match="Pick-a-Pic preparation is a later issue"):
-        prepare.run(cfg, out_dir=tmp_path / "prepared", tracker=MemoryTracker())
-    assert not (tmp_path / "prepared").exists()
-
-
 def test_a_failed_run_keeps_the_previous_output(tmp_path, monkeypatch):
     out_dir = tmp_path / "prepared"
     out_dir.mkdir()
     (out_dir / "marker").write_text("previous run")
 
     def fail_midway(cfg, staging, tracker, timer):
-        (staging / inputs.PAIRS_FILE).write_text("half a result")
+        (staging / "metrics.json").write_text("half a result")
         raise RuntimeError("boom")
 
     monkeypatch.setattr(prepare, "build_digits_world", fail_midway)
@@ -161,10 +156,6 @@ def test_a_failed_run_keeps_the_previous_output(tmp_path, monkeypatch):
 
 
 def test_cli_parses_params_and_overrides(tmp_path, mlflow_db):
-    argv = ["--params", str(PROFILES_DIR / "digits.yaml"), "-S", "prepare.dataset=pickapic_v1",
-            "--out-dir", str(tmp_path / "out")]
-    with pytest.raises(SystemExit, match="2"):  # refused at load: Pick-a-Pic preparation is not built yet
-        prepare.main(argv)
     with pytest.raises(SystemExit) as exit_info:
         prepare.main(["-S", "prepare.no_such_knob=1", "--params", str(PROFILES_DIR / "digits.yaml"),
                       "--out-dir", str(tmp_path / "out")])

@@ -87,7 +87,8 @@ def build_digits_world(cfg: Config, out: Path, tracker: Tracker, timer: PhaseTim
         frame, pair_metrics = generate_pairs(out / inputs.BASE_MODEL_DIR, oracle, train_captions(),
                                              num_pairs=p.num_pairs, resolution=p.image_size, seed=cfg.seed + 4,
                                              workers=sampling_workers())
-        write_pairs(frame, out / inputs.PAIRS_FILE)
+        (out / inputs.PAIRS_DIR).mkdir(parents=True, exist_ok=True)
+        write_pairs(frame, out / inputs.PAIRS_DIR / inputs.shard_name(inputs.TRAIN_SPLIT, 0))  # one shard
         metrics |= pair_metrics
 
     write_json(out / inputs.TRAIN_PROMPTS_FILE, prompt_records(train_captions()))
