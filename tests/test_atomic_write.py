@@ -170,7 +170,7 @@ def test_stage_command_exits_at_once_when_its_out_dir_is_taken(tmp_path, writer)
     proc = writer()
     (tmp_path / "pairs.parquet").write_bytes(b"")  # exists: the lock is what stops it
     result = subprocess.run([sys.executable, "-m", "spo.cli", "validate", "--params", str(REPO_ROOT / "params.yaml"),
-                             "--pairs", str(tmp_path / "pairs.parquet"), "--out-dir", str(tmp_path / "out")],
+                             "--pairs-dir", str(tmp_path / "pairs.parquet"), "--out-dir", str(tmp_path / "out")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip() == (f"spo validate: {tmp_path / 'out'} is being written by another process "
