@@ -19,26 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spo.atomic_write import atomic_file
-from spo.data.pickapic import PICKAPIC_SCHEMA, REQUIRED_COLUMNS
+from spo.data.pickapic import REQUIRED_COLUMNS, pickapic_table
 from spo.data.prepared_layout import shard_name, split_shards
 
 DEFAULT_ROW_GROUP_SIZE = 64
 DEFAULT_CACHE_GROUPS = 64
-
-
-def pickapic_table(frame: pd.DataFrame | pa.Table, where: str) -> pa.Table:
-    """`frame` as an arrow table with exactly PICKAPIC_SCHEMA (the conversion `pickapic.write_pairs` does),
-    other columns dropped; missing columns are an error naming `where`. No schema metadata is kept, so a
-    shard's bytes depend only on its rows, whether they came from pandas or arrow."""
-    names = frame.column_names if isinstance(frame, pa.Table) else list(frame.columns)
-    missing = [name for name in PICKAPIC_SCHEMA.names if name not in names]
-    if missing:
-        raise ValueError(f"pairs frame for {where}: missing column(s) {missing}")
-    if isinstance(frame, pa.Table):
-        table = frame.select(PICKAPIC_SCHEMA.names).replace_schema_metadata(None).cast(PICKAPIC_SCHEMA)
-    else:
-        table = pa.Table.from_pandas(frame[PICKAPIC_SCHEMA.names], schema=PICKAPIC_SCHEMA, preserve_index=False)
-    return table.replace_schema_metadata(None)
 
 
 class PairShardWriter:

@@ -93,12 +93,24 @@ def read_pairs(path: str | Path) -> pd.DataFrame:
     return frame
 
 
+def pickapic_table(frame: pd.DataFrame | pa.Table, where: str) -> pa.Table:
+    """`frame` as an arrow table with exactly PICKAPIC_SCHEMA (the conversion `pickapic.write_pairs` does),
+    other columns dropped; missing columns are an error naming `where`. No schema metadata is kept, so a
+    shard's bytes depend only on its rows, whether they came from pandas or arrow."""
+    names = frame.column_names if isinstance(frame, pa.Table) else list(frame.columns)
+    missing = [name for name in PICKAPIC_SCHEMA.names if name not in names]
+    if missing:
+        raise ValueError(f"pairs frame for {where}: missing column(s) {missing}")
+    if isinstance(frame, pa.Table):
+        table = frame.select(PICKAPIC_SCHEMA.names).replace_schema_metadata(None).cast(PICKAPIC_SCHEMA)
+    else:
+        table = pa.Table.from_pandas(frame[PICKAPIC_SCHEMA.names], schema=PICKAPIC_SCHEMA, preserve_index=False)
+    return table.replace_schema_metadata(None)
+
+
 def write_pairs(frame: pd.DataFrame, path: str | Path) -> Path:
     """Write `frame` atomically with exactly the Pick-a-Pic schema (missing columns are an error)."""
-    missing = [name for name in PICKAPIC_SCHEMA.names if name not in frame.columns]
-    if missing:
-        raise ValueError(f"pairs frame for {path}: missing column(s) {missing}")
-    table = pa.Table.from_pandas(frame[PICKAPIC_SCHEMA.names], schema=PICKAPIC_SCHEMA, preserve_index=False)
+    table = pickapic_table(frame, str(path))
     with atomic_file(path) as tmp:
         pq.write_table(table, tmp)
     return Path(path)
