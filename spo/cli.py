@@ -2,6 +2,7 @@
 
     spo prepare|validate|train_spm|train_spo|evaluate|register [stage args]   (what dvc.yaml runs)
     spo profile list | show | use NAME
+    spo fixtures build DIR [--profile sd15|sdxl|all]                          (stand-ins of the real models)
     spo pipeline compile|submit|run-local [...]                              (pipelines/cli.py; needs kfp)
 
 Stage and pipeline modules are imported only when asked for, so `spo profile` stays fast and `spo/`
@@ -14,6 +15,8 @@ import argparse
 import difflib
 import importlib
 import importlib.util
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -22,10 +25,12 @@ import yaml
 from spo.atomic_write import atomic_file
 from spo.config import (
     ConfigError,
+    apply_overrides,
     load_config,
     load_profile,
     profile_names,
     profile_path,
+    read_params,
     unimplemented,
 )
 from spo.stages import STAGES
@@ -35,16 +40,54 @@ USAGE = f"""usage: spo COMMAND [ARGS]
 commands:
   {' | '.join(STAGES)}   run one pipeline stage (see `spo STAGE --help`)
   profile list | show | use NAME   list the profiles, show the active one, or switch params.yaml to NAME
+  fixtures build DIR [--profile sd15|sdxl|all]   write tiny stand-ins of the real models and Pick-a-Pic to DIR
   pipeline compile | submit | run-local   compile, submit or locally run the Kubeflow pipeline
 """
 
 
-def use_profile(name: str, params: Path) -> None:
-    """Validate profiles/NAME.yaml (it must also run today), then copy it over `params` atomically (the
-    old file stays on error)."""
-    load_profile(name)
+def _set_line(text: str, override: str) -> str:
+    """`text` (a profile's YAML) with the line of `section.key` (or a top-level `key`) set to the override's
+    value; the profile's comment becomes `# was: OLD`, so params.yaml keeps its notes and shows the change."""
+    key, _, value = override.partition("=")
+    path = key.strip().split(".")
+    if len(path) > 2:
+        raise ConfigError(f"override {override!r}: only section.key (two levels) can be set here")
+    lines = text.splitlines(keepends=True)
+    start, indent = 0, ""
+    if len(path) == 2:
+        heads = [i for i, line in enumerate(lines) if re.match(rf"^{re.escape(path[0])}:\s*(#.*)?$", line)]
+        if not heads:
+            raise ConfigError(f"override {override!r}: no section {path[0]!r} in the profile")
+        start, indent = heads[0] + 1, "  "
+    pattern = re.compile(rf"^{indent}{re.escape(path[-1])}:(\s*)([^#\n]*?)\s*(#.*)?$")
+    for i in range(start, len(lines)):
+        if len(path) == 2 and i > start and lines[i].strip() and not lines[i].startswith(" "):
+            break  # the next section
+        match = pattern.match(lines[i].rstrip("\n"))
+        if match:
+            lines[i] = f"{indent}{path[-1]}: {value.strip()}  # was: {match.group(2).strip()}\n"
+            return "".join(lines)
+    raise ConfigError(f"override {override!r}: no key {key.strip()!r} in the profile")
+
+
+def use_profile(name: str, params: Path, overrides: list[str] | None = None) -> None:
+    """Validate profiles/NAME.yaml with `overrides` (DVC's `-S section.key=value`; it must also run today),
+    then write it over `params` atomically (the old file stays on error). An override rewrites its line,
+    so `dvc repro` then runs the changed profile (`dvc repro` itself takes no -S)."""
+    load_profile(name, overrides)
+    text = profile_path(name).read_text(encoding="utf-8")
+    for override in overrides or []:
+        text = _set_line(text, override)
+    written = yaml.safe_load(text)
+    if written != yaml.safe_load(apply_overrides_text(profile_path(name), overrides or [])):
+        raise ConfigError(f"overrides {overrides}: could not be written into {params} faithfully")
     with atomic_file(params) as tmp:
-        tmp.write_text(profile_path(name).read_text(encoding="utf-8"), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
+
+
+def apply_overrides_text(profile: Path, overrides: list[str]) -> str:
+    """The profile with `overrides` applied, as YAML (what `use_profile` must have written)."""
+    return yaml.safe_dump(apply_overrides(read_params(profile), overrides))
 
 
 def show_profile(params: Path) -> str:
@@ -70,14 +113,42 @@ def profile_main(argv: list[str]) -> int:
     sub.add_parser("show", parents=[params], help="show the active profile")
     use = sub.add_parser("use", parents=[params], help="copy profiles/NAME.yaml over the params file")
     use.add_argument("name")
+    use.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="change a value on the way, e.g. -S model.base_model=/data/sd15 (repeatable)")
     args = parser.parse_args(argv)
     if args.action == "list":
         print("\n".join(profile_names()))
     elif args.action == "show":
         print(show_profile(args.params))
     else:
-        use_profile(args.name, args.params)
-        print(f"{args.params} <- profiles/{args.name}.yaml")
+        use_profile(args.name, args.params, args.overrides)
+        changed = f" with {len(args.overrides)} override(s)" if args.overrides else ""
+        print(f"{args.params} <- profiles/{args.name}.yaml{changed}")
+    return 0
+
+
+def fixtures_main(argv: list[str]) -> int:
+    """Build the stand-ins (spo.standins) and print, per profile, the command that runs it on them."""
+    parser = argparse.ArgumentParser(prog="spo fixtures", description="Tiny stand-ins of the real models and data.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    build = sub.add_parser("build", help="write the stand-ins to DIR and print the overrides that use them")
+    build.add_argument("dir", type=Path)
+    build.add_argument("--profile", choices=("sd15", "sdxl", "all"), default="all")
+    build.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from spo.standins.build import (  # torch/diffusers: only when asked
+        PROFILES,
+        build_standins,
+        profile_overrides,
+    )
+
+    profiles = PROFILES if args.profile == "all" else (args.profile,)
+    standins = build_standins(args.dir, profiles, seed=args.seed)
+    print(f"stand-ins for {', '.join(profiles)} written to {args.dir.absolute()}")
+    for profile in profiles:
+        sets = " ".join(f"-S {shlex.quote(item)}" for item in profile_overrides(standins, profile))
+        print(f"\n# {profile} on the stand-ins (CPU, minutes):")
+        print(f"spo profile use {profile} {sets} && dvc repro train_spm")
     return 0
 
 
@@ -99,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command == "profile":
             return profile_main(rest)
+        if command == "fixtures":
+            return fixtures_main(rest)
         if command == "pipeline":
             return _pipeline_cli().main(rest) or 0
     except ConfigError as err:

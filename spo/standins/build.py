@@ -1,0 +1,135 @@
+"""Build every stand-in into one directory, and the overrides that point a real profile at them (DESIGN 2).
+
+    DIR/sd15/                 StableDiffusionPipeline (SD1.5 shape)
+    DIR/sdxl/                 StableDiffusionXLPipeline (SDXL base shape)
+    DIR/sdxl_vae_fp16_fix/    AutoencoderKL (madebyollin/sdxl-vae-fp16-fix shape)
+    DIR/pickscore/            CLIPModel + CLIPProcessor (PickScore_v1 + laion ViT-H processor shape)
+    DIR/pickapic/data/*.parquet   Pick-a-Pic v1 mirror (hub layout, every column)
+    DIR/standins.json         manifest: which profiles, where each part is, library versions
+
+Each part is written to a temporary sibling and renamed into place, so an interrupted build leaves either
+the old part or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import diffusers
+import transformers
+
+from spo.atomic_write import atomic_dir, write_json
+from spo.standins.models import (
+    build_pickscore,
+    build_sd15,
+    build_sdxl,
+    build_sdxl_fp16_fix_vae,
+)
+from spo.standins.pickapic_mirror import build_pickapic_mirror
+from spo.tracking.progress import no_library_bars
+
+PROFILES = ("sd15", "sdxl")
+MANIFEST = "standins.json"
+PARTS = {"sd15": "sd15", "sdxl": "sdxl", "sdxl_vae": "sdxl_vae_fp16_fix", "pickscore": "pickscore",
+         "pickapic": "pickapic"}
+NEEDS = {"sd15": ("sd15", "pickscore", "pickapic"), "sdxl": ("sdxl", "sdxl_vae", "pickscore", "pickapic")}
+BUILDERS: dict[str, Callable[..., Path]] = {"sd15": build_sd15, "sdxl": build_sdxl,
+                                            "sdxl_vae": build_sdxl_fp16_fix_vae, "pickscore": build_pickscore,
+                                            "pickapic": build_pickapic_mirror}
+# Sizes that make a real profile's stages finish in minutes on a CPU with the stand-ins (values as YAML/Hydra
+# reads them: plain numbers and words).
+CPU_OVERRIDES = {
+    "model.resolution": 64, "model.dtype": "float32",
+    "prepare.rows_per_shard": 10,
+    "validate.min_rows": 10, "validate.max_bad_fraction": 0.2,
+    "train_spm.max_steps": 4, "train_spm.batch_size": 4, "train_spm.warmup_steps": 2,
+    "train_spm.mixed_precision": "fp32", "train_spm.checkpoint_every": 2,
+    "torch_threads": 1,
+}
+
+
+@dataclass(frozen=True)
+class StandIns:
+    """Where each stand-in is; None for a part no requested profile needs."""
+
+    sd15: Path | None
+    sdxl: Path | None
+    sdxl_vae: Path | None
+    pickscore: Path | None
+    pickapic: Path | None
+
+    def profiles(self) -> tuple[str, ...]:
+        """The profiles these stand-ins can run."""
+        return tuple(p for p in PROFILES if all(getattr(self, part) is not None for part in NEEDS[p]))
+
+
+def _check_profiles(profiles: Iterable[str]) -> tuple[str, ...]:
+    profiles = tuple(dict.fromkeys(profiles))
+    unknown = [p for p in profiles if p not in PROFILES]
+    if unknown or not profiles:
+        raise ValueError(f"stand-in profiles {list(profiles)}: expected some of {list(PROFILES)}")
+    return profiles
+
+
+def build_standins(out_dir: Path, profiles: Iterable[str] = PROFILES, *, seed: int = 0) -> StandIns:
+    """Write the parts `profiles` need under `out_dir` (each atomically), then the manifest; return their paths."""
+    out_dir = Path(out_dir).absolute()
+    profiles = _check_profiles(profiles)
+    wanted = {part for p in profiles for part in NEEDS[p]}
+    paths: dict[str, Path | None] = {}
+    for part, name in PARTS.items():
+        if part not in wanted:
+            paths[part] = None
+            continue
+        with atomic_dir(out_dir / name) as tmp, no_library_bars(tmp):
+            BUILDERS[part](tmp, seed=seed)
+        paths[part] = out_dir / name
+    standins = StandIns(**paths)
+    write_json(out_dir / MANIFEST, {
+        "profiles": list(profiles), "seed": seed,
+        "parts": {part: PARTS[part] for part, path in paths.items() if path is not None},
+        "versions": {"diffusers": diffusers.__version__, "transformers": transformers.__version__},
+    })
+    return standins
+
+
+def read_standins(out_dir: Path) -> StandIns:
+    """The stand-ins a previous `build_standins(out_dir)` wrote (from its manifest; parts are relative to it)."""
+    out_dir = Path(out_dir).absolute()
+    manifest = out_dir / MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(f"no stand-ins in {out_dir}: {MANIFEST} not found (run `spo fixtures build {out_dir}`)")
+    parts = json.loads(manifest.read_text())["parts"]
+    return StandIns(**{f.name: (out_dir / parts[f.name] if f.name in parts else None) for f in fields(StandIns)})
+
+
+def _value(value: object) -> str:
+    """A value both YAML (spo.config) and Hydra (`dvc exp run -S`) read back unchanged: paths double-quoted."""
+    if value is None:
+        return "null"
+    if isinstance(value, Path):
+        text = str(value)
+        if '"' in text or "\\" in text or "'" in text:
+            raise ValueError(f"stand-in path {text!r}: quotes and backslashes cannot pass through a -S override")
+        return f'"{text}"'
+    return str(value)
+
+
+def profile_overrides(standins: StandIns, profile: str) -> list[str]:
+    """`key=value` overrides (for `dvc exp run -S`, or spo.config's overrides) that run `profile` on the
+    stand-ins at toy size on a CPU."""
+    _check_profiles([profile])
+    missing = [part for part in NEEDS[profile] if getattr(standins, part) is None]
+    if missing:
+        raise ValueError(f"stand-ins for profile {profile!r} lack {missing}: build them with profiles=({profile!r},)")
+    models = {
+        "model.base_model": getattr(standins, profile),
+        "model.vae": standins.sdxl_vae if profile == "sdxl" else None,
+        "model.preference_backbone": standins.pickscore,
+        "model.preference_processor": standins.pickscore,
+        "prepare.data_dir": standins.pickapic,
+    }
+    return [f"{key}={_value(value)}" for key, value in {**models, **CPU_OVERRIDES}.items()]
