@@ -54,28 +54,33 @@ def prepare(params_yaml: str, parent_run_id: str, prepared: Output[Dataset], met
 @spo_component
 def validate(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], report: Output[Artifact],
              data_docs: Output[HTML], metrics: Output[Metrics]):
-    """Great-expectations suite over the pairs; fails the pipeline with a report naming each bad column."""
+    """Check every pair: bad rows are quarantined (report/quarantine.parquet, which training skips), bad
+    tables fail the pipeline with a message naming each rule; report.html is the HTML artifact."""
     import shutil
     from pathlib import Path
 
-    from spo.data.prepared_layout import PAIRS_FILE
+    from spo.data.prepared_layout import PAIRS_DIR
     from spo.stages import validate as stage
     from spo.stages.stage_cli import component_config
     from spo.tracking.mlflow_tracker import flat_metrics, stage_tracker
 
     cfg = component_config(params_yaml, parent_run_id)
-    with stage_tracker("validate", cfg) as tracker:
-        result = stage.run(cfg, pairs_path=Path(prepared.path) / PAIRS_FILE, out_dir=Path(report.path),
-                           tracker=tracker)
-    shutil.copy(Path(report.path) / stage.HTML_FILE, data_docs.path)
+    try:
+        with stage_tracker("validate", cfg) as tracker:
+            result = stage.run(cfg, pairs_dir=Path(prepared.path) / PAIRS_DIR, out_dir=Path(report.path),
+                               tracker=tracker)
+    finally:  # the report is written whatever the verdict: show it
+        if (Path(report.path) / stage.HTML_FILE).is_file():
+            shutil.copy(Path(report.path) / stage.HTML_FILE, data_docs.path)
     for name, value in flat_metrics(result).items():
         metrics.log_metric(name, value)
 
 
 @spo_component
-def train_spm(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], spm: Output[Model],
-              metrics: Output[Metrics]):
-    """Train the step-aware preference model (DESIGN 3.1)."""
+def train_spm(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], validation: Input[Artifact],
+              spm: Output[Model], metrics: Output[Metrics]):
+    """Train the step-aware preference model (DESIGN 3.1) on the pairs `validate` did not quarantine.
+    Checkpoints: none yet on a cluster (a retried pod would need a volume to find them: the Kubeflow issue)."""
     from pathlib import Path
 
     from spo.stages import train_spm as stage
@@ -84,7 +89,8 @@ def train_spm(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], sp
 
     cfg = component_config(params_yaml, parent_run_id)
     with stage_tracker("train_spm", cfg) as tracker:
-        result = stage.run(cfg, prepared_dir=Path(prepared.path), out_dir=Path(spm.path), tracker=tracker)
+        result = stage.run(cfg, prepared_dir=Path(prepared.path), validate_dir=Path(validation.path),
+                           out_dir=Path(spm.path), tracker=tracker)
     for name, value in flat_metrics(result).items():
         metrics.log_metric(name, value)
 

@@ -50,8 +50,8 @@ def spo_pipeline(params_yaml: str) -> None:
     parent = run.output
     prep = _on_cpu(prepare(params_yaml=params_yaml, parent_run_id=parent))
     check = _on_cpu(validate(params_yaml=params_yaml, parent_run_id=parent, prepared=prep.outputs["prepared"]))
-    spm = _retried(_on_gpu(train_spm(params_yaml=params_yaml, parent_run_id=parent,
-                                     prepared=prep.outputs["prepared"]))).after(check)
+    spm = _retried(_on_gpu(train_spm(params_yaml=params_yaml, parent_run_id=parent, prepared=prep.outputs["prepared"],
+                                     validation=check.outputs["report"])))
     spo = _retried(_on_gpu(train_spo(params_yaml=params_yaml, parent_run_id=parent, prepared=prep.outputs["prepared"],
                                      spm=spm.outputs["spm"])))
     evaluation = _on_gpu(evaluate(params_yaml=params_yaml, parent_run_id=parent, prepared=prep.outputs["prepared"],

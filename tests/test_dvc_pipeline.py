@@ -118,7 +118,7 @@ def test_paths_in_commands_match_outs():
         declared = spec.get("outs", []) + spec.get("metrics", []) + spec.get("plots", [])
         outs = [next(iter(o)) if isinstance(o, dict) else o for o in declared]
         assert outs and all(o.startswith(out_dir + "/") for o in outs), stage
-    assert "reports/validate/report.json" in DVC["train_spm"]["deps"]
+    assert "reports/validate/quarantine.parquet" in DVC["train_spm"]["deps"]
 
 
 def test_training_curves_are_one_plot_of_a_declared_output():
@@ -185,7 +185,7 @@ def test_dvc_repro_full_noop_and_experiment(repo_copy):
     first = sh(["dvc", "repro"], repo, env)
     assert stages_run(first) == list(STAGES)
     assert json.loads((repo / "models/spo/metrics.json").read_text())["optimizer_steps"] > 0
-    for out in ("data/prepared/pairs.parquet", "reports/validate/report.json", "models/spm/model", "models/spo/lora",
+    for out in ("data/prepared/pairs/train-00000.parquet", "reports/validate/quarantine.parquet", "models/spm/model", "models/spo/lora",
                 "models/spo/history.csv", "reports/evaluate/metrics.json", "models/registered/registration.json"):
         assert (repo / out).exists(), out
 
@@ -210,6 +210,18 @@ def test_dvc_repro_full_noop_and_experiment(repo_copy):
     assert "data and pipelines are up to date" in second.lower() or "didn't change" in second
     assert "up to date" in sh(["dvc", "status"], repo, env).lower()
     assert sh(["git", "status", "--porcelain"], repo, env) == ""
+    assert not (repo / "models/spm_checkpoints").exists() or not list((repo / "models/spm_checkpoints").iterdir())
+
+    # DVC versions the data and the models: push them to a local remote, lose them, pull them back
+    sh(["dvc", "remote", "add", "-d", "local", str(repo.parent / "dvc-remote")], repo, env)
+    assert "pushed" in sh(["dvc", "push"], repo, env)
+    shard = repo / "data/prepared/pairs/train-00000.parquet"
+    before = shard.read_bytes()
+    shutil.rmtree(repo / "data/prepared/pairs")  # (metrics.json is cache: false, in git: it stays)
+    shutil.rmtree(repo / ".dvc/cache")
+    sh(["dvc", "pull"], repo, env)
+    assert shard.read_bytes() == before
+    assert "up to date" in sh(["dvc", "status"], repo, env).lower()
 
     lora = (repo / "models/spo/lora/pytorch_lora_weights.safetensors").read_bytes()
     # `-S` makes DVC rewrite params.yaml with its YAML 1.2 dumper: every value must read back the same

@@ -217,3 +217,21 @@ def test_preprocessing_is_differentiable():
     out = clip_pixel_values(images, ClipImageTransform(16, (16, 16), (0.5,) * 3, (0.5,) * 3))
     out.sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+def test_the_spm_resizes_as_the_published_trainer_without_antialias(tmp_path):
+    """spm_task.py: clamp to [0, 1], F.interpolate(224, bicubic, align_corners=False) without antialias,
+    clamp, normalise. Antialiasing (PIL's way) would give other pixels for a 512 px x̂0."""
+    import torch.nn.functional as F
+
+    transform = ClipImageTransform(224, (224, 224), (0.48145466, 0.4578275, 0.40821073),
+                                   (0.26862954, 0.26130258, 0.27577711))
+    images = torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(0)) * 2.4 - 1.2
+    pixels = (images / 2 + 0.5).clamp(0, 1)
+    expected = F.interpolate(pixels, size=(224, 224), mode="bicubic", align_corners=False).clamp(0, 1)
+    mean, std = torch.tensor(transform.mean).view(1, 3, 1, 1), torch.tensor(transform.std).view(1, 3, 1, 1)
+    published = clip_pixel_values(images, transform.as_published_spm())
+    assert torch.allclose(published, (expected - mean) / std, atol=1e-6)
+    assert not torch.allclose(clip_pixel_values(images, transform), published, atol=1e-3)
+    spm = StepAwarePreferenceModel.from_backbone(str(build_tiny_clip(tmp_path / "clip")))
+    assert spm.image_transform.antialias is False

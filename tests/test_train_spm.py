@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -17,12 +19,18 @@ from test_step_aware_preference_model import build_tiny_clip, perturb_time_condi
 from tiny_models import build_tiny_sd
 
 from spo.config import load_profile
+from spo.data.quarantine import QUARANTINE_FILE, quarantine_schema
+from spo.data.prepared_layout import BACKBONE_DIR, BASE_MODEL_DIR, MODELS_DIR, PAIRS_DIR, TRAIN_SPLIT, shard_name
 from spo.models.diffusion_model import load_diffusion_model
 from spo.models.step_aware_preference_model import StepAwarePreferenceModel
 from spo.stages import train_spm as stage
 from spo.tracking.tracker import MemoryTracker
 from spo.training.spm_inputs import (
+    MAX_EVAL_PAIRS,
+    PairsSpec,
+    TrainingPairs,
     X0WorkerSpec,
+    holdout_split,
     in_process_source,
     pair_loader,
     plan_eval_jobs,
@@ -39,6 +47,7 @@ from spo.training.spm_training import (
     pairwise_accuracy,
     pairwise_correct,
     pickscore_labels,
+    published_pair_credit,
     relabelled_by_backbone,
     spm_loss,
     train_preference_backbone,
@@ -88,6 +97,12 @@ def test_pairwise_accuracy_excludes_ties_and_counts_equal_scores_wrong():
     assert math.isnan(pairwise_accuracy(s0[3:4], s1[3:4], l0[3:4], 1 - l0[3:4]))
 
 
+def test_published_credit_counts_ties_as_half_unless_scores_are_equal():
+    s0, s1 = torch.tensor([2.0, 0.0, 1.0, 3.0, 4.0]), torch.tensor([1.0, 1.0, 1.0, 0.0, 4.0])
+    l0 = torch.tensor([1.0, 1.0, 0.5, 0.5, 0.5])
+    assert published_pair_credit(s0, s1, l0, 1 - l0).tolist() == [1.0, 0.0, 0.0, 0.5, 0.0]
+
+
 def test_pickscore_labels_threshold_on_the_softmax_gap():
     # softmax gaps: σ(d) − σ(−d) = tanh(d/2): d = 0.1 -> 0.05 (tie), d = 1 -> 0.46 (win)
     s0, s1 = torch.tensor([1.0, 0.1, 0.0, 0.0]), torch.tensor([0.0, 0.0, 0.1, 1.0])
@@ -100,7 +115,7 @@ def test_pickscore_labels_threshold_on_the_softmax_gap():
 # optimisation
 
 
-def test_warmup_then_linear_decay():
+def test_warmup_is_deepspeeds_log_warmup_then_linear_decay():
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=1.0)
     schedule = warmup_decay_schedule(optimizer, warmup_steps=4, total_steps=12)
@@ -109,8 +124,11 @@ def test_warmup_then_linear_decay():
         lrs.append(schedule.get_last_lr()[0])
         optimizer.step()
         schedule.step()
-    # diffusers' "linear": s / warmup while warming up (step 0 at lr 0), then (total - s) / (total - warmup)
-    assert lrs == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+    # DeepSpeed 0.12.3 WarmupDecayLR (log) as published: step 0 at the optimizer's own LR, step s >= 1 at
+    # gamma(s - 1), gamma(i) = ln(i+1)/ln(4) while i < 4, then (12 - i) / (12 - 4)
+    log4 = math.log(4)
+    expected = [1.0, 0.0, math.log(2) / log4, math.log(3) / log4, 1.0, 8 / 8, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8]
+    assert lrs == pytest.approx(expected)
 
 
 def test_gradient_clipping_actually_applies():
@@ -124,11 +142,10 @@ def test_gradient_clipping_actually_applies():
     assert param.grad is None
 
 
-def test_optimizer_does_not_decay_biases_gates_or_the_temperature():
+def test_optimizer_decays_every_parameter_as_published():
     model = torch.nn.Linear(3, 2)
     groups = make_optimizer(model, 1e-3, 0.3).param_groups
-    assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(1, 0.3), (1, 0.0)]
-    assert groups[0]["params"][0] is model.weight
+    assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(2, 0.3)]
 
 
 def test_batch_indices_cover_each_epoch_once():
@@ -142,24 +159,32 @@ def test_batch_indices_cover_each_epoch_once():
 # x̂0 inputs and the training phases on tiny real models
 
 
+def write_shards(pairs_dir: Path, frame, split: str = TRAIN_SPLIT, rows_per_shard: int = 25) -> None:
+    """The prepared layout's shards (two for 40 rows: the reader crosses a shard boundary)."""
+    pairs_dir.mkdir(parents=True, exist_ok=True)
+    for k, start in enumerate(range(0, len(frame), rows_per_shard)):
+        frame.iloc[start:start + rows_per_shard].to_parquet(pairs_dir / shard_name(split, k), index=False)
+
+
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory) -> Path:
-    """A prepared dir: base_model (tiny SD), preference_backbone (tiny CLIP), pairs.parquet (40 pairs)."""
+    """A prepared dir (spo.data.prepared_layout): models/base_model (tiny SD), models/preference_backbone
+    (tiny CLIP), pairs/train-0000{0,1}.parquet (40 pairs)."""
     root = tmp_path_factory.mktemp("prepared")
-    build_tiny_sd(root / "base_model")
-    build_tiny_clip(root / "preference_backbone")
-    good_pairs_frame(40).to_parquet(root / "pairs.parquet", index=False)
+    build_tiny_sd(root / BASE_MODEL_DIR)
+    build_tiny_clip(root / BACKBONE_DIR)
+    write_shards(root / PAIRS_DIR, good_pairs_frame(40))
     return root
 
 
 @pytest.fixture
 def model(tiny_world):
-    return load_diffusion_model(str(tiny_world / "base_model"))
+    return load_diffusion_model(str(tiny_world / BASE_MODEL_DIR))
 
 
 @pytest.fixture
 def spm(tiny_world):
-    return StepAwarePreferenceModel.from_backbone(str(tiny_world / "preference_backbone"))
+    return StepAwarePreferenceModel.from_backbone(str(tiny_world / BACKBONE_DIR))
 
 
 def images(n: int, seed: int) -> torch.Tensor:
@@ -204,8 +229,8 @@ def test_predictions_are_seeded_and_near_clean_at_t0(model):
 
 
 def load_pairs(tiny_world):
-    table = stage.read_training_pairs(tiny_world / "pairs.parquet")
-    return pair_loader(table, 16, tiny_world / "pairs.parquet"), list(range(len(table)))
+    pairs = TrainingPairs(PairsSpec(str(tiny_world / PAIRS_DIR), None, seed=0))
+    return pair_loader(pairs, 16), list(range(len(pairs)))
 
 
 def clip_state(spm):
@@ -285,7 +310,7 @@ def test_worker_x0_equals_in_process_x0(model, tiny_world):
     """The prefetching worker (one thread) computes exactly what this process does on one thread."""
     load_batch, indices = load_pairs(tiny_world)
     jobs = plan_eval_jobs(indices[:8], (0, 501), batch_size=4, seed=3)
-    spec = X0WorkerSpec(str(tiny_world / "base_model"), None, str(tiny_world / "pairs.parquet"), 16, 5.0)
+    spec = X0WorkerSpec(str(tiny_world / BASE_MODEL_DIR), None, PairsSpec(str(tiny_world / PAIRS_DIR), None, 0), 16, 5.0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -305,6 +330,18 @@ def test_worker_x0_equals_in_process_x0(model, tiny_world):
 # the stage
 
 
+def validated(root: Path, quarantined: list[tuple[str, int]] = ()) -> Path:
+    """A validate output dir whose quarantine.parquet names `quarantined` (shard, row) train rows."""
+    out = root / "validate"
+    out.mkdir(parents=True, exist_ok=True)
+    schema = quarantine_schema(pa.schema([]))
+    table = pa.table({"shard": [s for s, _ in quarantined], "row": [r for _, r in quarantined],
+                      "split": [TRAIN_SPLIT] * len(quarantined), "reasons": ["test"] * len(quarantined),
+                      "detail": [""] * len(quarantined)}, schema=schema)
+    pq.write_table(table, out / QUARANTINE_FILE)
+    return out
+
+
 def stage_config(**train_spm):
     overrides = {"preference_steps": 2, "max_steps": 3, "warmup_steps": 1, "batch_size": 4,
                  "eval_timesteps": [0, 951], **train_spm}
@@ -318,16 +355,33 @@ def test_stage_writes_a_trained_spm_and_metrics(tiny_world, tmp_path):
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == pytest.approx(metrics)
     for key in ("accuracy_t0", "accuracy_t951", "initial_accuracy_t0", "initial_accuracy_t951",
-                "backbone_accuracy_clean", "backbone_accuracy_clean_initial"):
+                "backbone_accuracy_clean", "backbone_accuracy_clean_initial", "accuracy_clean_t0",
+                "accuracy_clean_t0_published", "initial_accuracy_clean_t0", "initial_accuracy_clean_t0_published"):
         assert 0.0 <= saved[key] <= 1.0, key
+    # at init the SPM is its backbone: clean t = 0 accuracy (ties excluded) is the backbone's
+    assert saved["initial_accuracy_clean_t0"] == saved["backbone_accuracy_clean_initial"]
     assert math.isfinite(saved["final_loss"]) and saved["num_eval_pairs"] == 4 and saved["num_train_pairs"] == 36
     trained = StepAwarePreferenceModel.from_pretrained(out / "model")
-    backbone = StepAwarePreferenceModel.from_backbone(str(tiny_world / "preference_backbone"))
+    backbone = StepAwarePreferenceModel.from_backbone(str(tiny_world / BACKBONE_DIR))
     changed = [k for k, v in trained.clip.state_dict().items() if not torch.equal(v, backbone.clip.state_dict()[k])]
     assert len(changed) > 10
     assert any(not torch.equal(a, b) for a, b in zip(trained.time_conditioning_parameters(),
                                                       backbone.time_conditioning_parameters()))
     assert not [p for p in out.parent.iterdir() if p.name.startswith((".spm.tmp-", ".spm.old-"))]  # no temp dirs left
+
+
+@pytest.mark.slow
+def test_stage_skips_quarantined_rows_and_clears_its_checkpoints(tiny_world, tmp_path):
+    validate_dir = validated(tmp_path, [(shard_name(TRAIN_SPLIT, 0), 3), (shard_name(TRAIN_SPLIT, 1), 0)])
+    checkpoints = tmp_path / "checkpoints"
+    metrics = stage.run(stage_config(checkpoint_every=1, preference_steps=0), prepared_dir=tiny_world,
+                        validate_dir=validate_dir, out_dir=tmp_path / "spm", checkpoint_dir=checkpoints,
+                        tracker=MemoryTracker())
+    assert metrics["num_train_pairs"] + metrics["num_eval_pairs"] == 38  # 40 less the 2 quarantined
+    assert checkpoints.is_dir() and not list(checkpoints.glob("*.pt"))  # written during the run, then cleared
+    with pytest.raises(FileNotFoundError, match="run the validate stage"):
+        stage.run(stage_config(), prepared_dir=tiny_world, validate_dir=tmp_path / "nowhere",
+                  out_dir=tmp_path / "spm2", tracker=MemoryTracker())
 
 
 @pytest.mark.slow
@@ -341,9 +395,8 @@ def test_stage_with_pickscore_labels(tiny_world, tmp_path):
 def broken_world(tiny_world: Path, tmp_path: Path, frame) -> Path:
     root = tmp_path / "prepared"
     root.mkdir()
-    for name in ("base_model", "preference_backbone"):
-        (root / name).symlink_to(tiny_world / name)
-    frame.to_parquet(root / "pairs.parquet", index=False)
+    (root / MODELS_DIR).symlink_to(tiny_world / MODELS_DIR)
+    write_shards(root / PAIRS_DIR, frame)
     return root
 
 
@@ -367,22 +420,16 @@ def test_main_runs_from_the_command_line(tiny_world, tmp_path, monkeypatch, mlfl
     params["train_spm"].update(preference_steps=1, max_steps=1, warmup_steps=1, batch_size=4, eval_timesteps=[0])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
-    stage.main(["--prepared-dir", str(tiny_world), "--out-dir", str(tmp_path / "models" / "spm")])
+    stage.main(["--prepared-dir", str(tiny_world), "--out-dir", str(tmp_path / "models" / "spm"),
+                "--validate-dir", str(validated(tmp_path)), "--checkpoint-dir", str(tmp_path / "checkpoints")])
     assert (tmp_path / "models" / "spm" / "metrics.json").is_file()
 
 
 def test_split_is_seeded_and_disjoint():
-    train, held = stage.split_pairs(100, seed=1)
+    train, held = holdout_split(100, seed=1)
     assert len(held) == 10 and not set(train) & set(held) and sorted(train + held) == list(range(100))
-    assert stage.split_pairs(100, seed=1) == (train, held)
-    assert len(stage.split_pairs(50_000, seed=1)[1]) == stage.MAX_EVAL_PAIRS
-
-
-
-def test_sdxl_base_is_refused_clearly(tiny_world, tmp_path):
-    cfg = load_profile("digits", ["model.architecture=sdxl"], require_implemented=False)  # the stage guard itself
-    with pytest.raises(NotImplementedError, match="sdxl"):
-        stage.run(cfg, prepared_dir=tiny_world, out_dir=tmp_path / "spm", tracker=MemoryTracker())
+    assert holdout_split(100, seed=1) == (train, held)
+    assert len(holdout_split(50_000, seed=1)[1]) == MAX_EVAL_PAIRS
 
 
 def test_prefetch_is_only_for_inputs_that_fit_in_memory():

@@ -3,12 +3,13 @@
 It does what a `CLIPImageProcessor` does to a PIL image — resize the short side (bicubic, antialiased),
 centre crop, rescale to [0, 1], normalise with the processor's mean/std — but on tensors, so decoded
 x̂0 predictions go straight from the VAE into the preference model without a round trip through PIL.
-Values are clamped to [0, 1] before and after the resize, as PIL's uint8 images are.
+Values are clamped to [0, 1] before and after the resize, as PIL's uint8 images are. The SPM uses the
+published trainer's variant (`as_published_spm`: no antialias), which its checkpoints were trained on.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -33,6 +34,14 @@ class ClipImageTransform:
     crop_size: tuple[int, int] | None  # (height, width); None = no crop
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # The published SPM resizes with F.interpolate(bicubic) *without* antialias, rounding the long side;
+    # PIL (the processor on PIL images) antialiases and transformers truncates. Defaults = the processor.
+    antialias: bool = True
+    round_long_side: bool = False
+
+    def as_published_spm(self) -> ClipImageTransform:
+        """The same numbers with the published SPM's resize (spm_task.py / SPO's scoring path)."""
+        return replace(self, antialias=False, round_long_side=True)
 
     @classmethod
     def from_image_processor(cls, processor: Any) -> ClipImageTransform:
@@ -49,15 +58,17 @@ class ClipImageTransform:
         return cls(shortest_edge=shortest, crop_size=crop, mean=mean, std=std)
 
 
-def resize_shortest_edge(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Bicubic antialiased resize so the short side is `size` (long side truncated, like transformers)."""
+def resize_shortest_edge(images: torch.Tensor, size: int, *, antialias: bool = True,
+                         round_long_side: bool = False) -> torch.Tensor:
+    """Bicubic resize so the short side is `size` (long side truncated like transformers, or rounded like
+    the published SPM); antialiased like PIL unless `antialias=False` (the published SPM)."""
     height, width = images.shape[-2:]
     short, long = (height, width) if height <= width else (width, height)
-    new_long = int(size * long / short)
+    new_long = int(size * long / short + (0.5 if round_long_side else 0.0))
     new_size = (size, new_long) if height <= width else (new_long, size)
     if new_size == (height, width):
         return images
-    return F.interpolate(images, size=new_size, mode="bicubic", align_corners=False, antialias=True)
+    return F.interpolate(images, size=new_size, mode="bicubic", align_corners=False, antialias=antialias)
 
 
 def center_crop(images: torch.Tensor, crop_size: tuple[int, int]) -> torch.Tensor:
@@ -78,7 +89,8 @@ def clip_pixel_values(images: torch.Tensor, transform: ClipImageTransform) -> to
         raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
     pixels = (images.float() / 2 + 0.5).clamp(0, 1)
     if transform.shortest_edge is not None:
-        pixels = resize_shortest_edge(pixels, transform.shortest_edge).clamp(0, 1)
+        pixels = resize_shortest_edge(pixels, transform.shortest_edge, antialias=transform.antialias,
+                                      round_long_side=transform.round_long_side).clamp(0, 1)
     if transform.crop_size is not None:
         pixels = center_crop(pixels, transform.crop_size)
     mean = pixels.new_tensor(transform.mean).view(1, 3, 1, 1)

@@ -95,7 +95,8 @@ class StepAwarePreferenceModel(nn.Module):
         super().__init__()
         self.clip = clip
         self.processor = processor
-        self.image_transform = ClipImageTransform.from_image_processor(processor)
+        # x̂0 images are resized as the published SPM was trained (no antialias): its checkpoint expects it
+        self.image_transform = ClipImageTransform.from_image_processor(processor).as_published_spm()
         hidden = clip.config.vision_config.hidden_size
         num_layers = len(clip.vision_model.encoder.layers)
         self.time_embedder = TimestepEmbedder(hidden)

@@ -23,10 +23,10 @@ QUIET_LOGGERS = ("mlflow", "alembic", "great_expectations", "httpx", "urllib3", 
 
 
 def progress(iterable: Iterable[T] | None = None, *, desc: str, total: int | None = None,
-             unit: str = "step") -> tqdm:
+             unit: str = "step", initial: int = 0) -> tqdm:
     """A tqdm bar for a loop of more than ~10 s; set its key numbers with `bar.set_postfix(...)`."""
     interactive = sys.stderr.isatty()
-    return tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True,
+    return tqdm(iterable, desc=desc, total=total, unit=unit, initial=initial, file=sys.stderr, dynamic_ncols=True,
                 mininterval=1.0 if interactive else 30.0, disable=os.environ.get("SPO_PROGRESS") == "0")
 
 

@@ -16,10 +16,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
-from spo.data.pickapic import decode_column, read_pairs
+from spo.data.pair_shards import PairShards
+from spo.data.pickapic import decode_column
+from spo.data.prepared_layout import EVAL_SPLIT, TRAIN_SPLIT, split_shards
+from spo.data.quarantine import quarantined_rows
 from spo.models.diffusion_model import DiffusionModel, load_diffusion_model
 from spo.training.spm_training import (
     PairBatch,
@@ -42,17 +46,87 @@ class X0Job:
 X0Source = Callable[[X0Job], tuple[torch.Tensor, torch.Tensor]]  # job -> decoded x̂0 of images 0 and 1
 
 
-def pair_loader(table: pd.DataFrame, size: int, source: Path) -> PairLoader:
-    """Decode rows on demand, so a large table never sits decoded in memory."""
+EVAL_FRACTION = 0.1  # held out for accuracy when the data has no validation split (digits)
+MAX_EVAL_PAIRS = 1000  # the published SPM validates on Pick-a-Pic's 500 validation_unique pairs
+
+
+@dataclass(frozen=True)
+class PairsSpec:
+    """Where the pairs are (prepared_layout) and which rows `validate` quarantined; picklable, so a worker
+    process opens the same rows under the same indices."""
+
+    pairs_dir: str
+    quarantine: str | None  # validate's quarantine.parquet; None = no rows skipped
+    seed: int  # of the hold-out split, when there is no validation split
+
+
+class TrainingPairs:
+    """The train split's good rows (quarantined ones skipped), then the eval rows, under one index:
+    [0, n_train) train, [n_train, n) eval. Eval rows are Pick-a-Pic's validation_unique pairs when
+    `prepare` wrote them (as the published SPM); else a seeded hold-out of train rows (digits).
+    Rows are read on demand (PairShards): a large dataset never sits decoded in memory."""
+
+    def __init__(self, spec: PairsSpec) -> None:
+        pairs_dir = Path(spec.pairs_dir)
+        def skipped(split: str) -> dict[str, set[int]]:
+            return quarantined_rows(Path(spec.quarantine), split) if spec.quarantine else {}
+
+        self.train = PairShards(pairs_dir, TRAIN_SPLIT, exclude=skipped(TRAIN_SPLIT))
+        has_eval = bool(split_shards(pairs_dir, EVAL_SPLIT))
+        self.eval = PairShards(pairs_dir, EVAL_SPLIT, exclude=skipped(EVAL_SPLIT)) if has_eval else None
+        n_train = len(self.train)
+        if self.eval is not None:
+            self.train_indices = list(range(n_train))
+            self.eval_indices = list(range(n_train, n_train + len(self.eval)))
+        else:
+            self.train_indices, self.eval_indices = holdout_split(n_train, spec.seed)
+        if not self.train_indices or not self.eval_indices:
+            raise ValueError(f"{pairs_dir}: need pairs to train on and to evaluate, got {len(self.train_indices)} "
+                             f"train and {len(self.eval_indices)} eval rows (after quarantine)")
+
+    def __len__(self) -> int:
+        return len(self.train) + (len(self.eval) if self.eval is not None else 0)
+
+    def rows(self, indices: Sequence[int]) -> pd.DataFrame:
+        """Rows in the order asked, with an index naming their source (`shard:row`) for error messages."""
+        n_train = len(self.train)
+        parts, order = [], []
+        for table, wanted, offset in ((self.train, [i for i in indices if i < n_train], 0),
+                                      (self.eval, [i for i in indices if i >= n_train], n_train)):
+            if wanted:
+                frame = table.rows([i - offset for i in wanted])
+                frame.index = [f"{table.row_ids[i - offset][0]}:{table.row_ids[i - offset][1]}" for i in wanted]
+                parts.append(frame)
+                order += wanted
+        frame = pd.concat(parts) if len(parts) > 1 else parts[0]
+        position = {index: k for k, index in enumerate(order)}
+        return frame.iloc[[position[i] for i in indices]]
+
+    def column(self, name: str, indices: Sequence[int]) -> np.ndarray:
+        """One cheap column (no images) for the given rows."""
+        train = np.asarray(self.train.column(name))
+        values = np.concatenate([train, np.asarray(self.eval.column(name))]) if self.eval is not None else train
+        return values[np.asarray(indices, dtype=int)] if len(indices) else values[:0]
+
+
+def holdout_split(num_pairs: int, seed: int) -> tuple[list[int], list[int]]:
+    """(train, eval) row indices: a seeded ~10% hold-out (at least 1, at most MAX_EVAL_PAIRS)."""
+    order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed)).tolist()
+    num_eval = min(MAX_EVAL_PAIRS, max(1, round(EVAL_FRACTION * num_pairs))) if num_pairs > 1 else 0
+    return sorted(order[num_eval:]), sorted(order[:num_eval])
+
+
+def pair_loader(pairs: TrainingPairs, size: int) -> PairLoader:
+    """Decode rows on demand; undecodable images name their shard and row."""
     def load(indices: Sequence[int]) -> PairBatch:
-        rows = table.iloc[list(indices)]
-        try:
-            images = {c: decode_column(rows, c, size) for c in ("jpg_0", "jpg_1")}
-        except ValueError as err:
-            raise ValueError(f"{source}: {err}") from err
+        rows = pairs.rows(indices)
+        images = {c: decode_column(rows, c, size) for c in ("jpg_0", "jpg_1")}
+        counts = rows["num_example_per_prompt"] if "num_example_per_prompt" in rows else None
+        weights = None if counts is None else torch.tensor(1.0 / counts.fillna(1).clip(lower=1).to_numpy(float),
+                                                           dtype=torch.float32)
         return PairBatch(prompts=[str(c) for c in rows["caption"]], images_0=images["jpg_0"], images_1=images["jpg_1"],
                          label_0=torch.tensor(rows["label_0"].to_numpy(float), dtype=torch.float32),
-                         label_1=torch.tensor(rows["label_1"].to_numpy(float), dtype=torch.float32))
+                         label_1=torch.tensor(rows["label_1"].to_numpy(float), dtype=torch.float32), weights=weights)
     return load
 
 
@@ -96,7 +170,7 @@ def in_process_source(model: DiffusionModel, load_batch: PairLoader, guidance_sc
 class X0WorkerSpec:
     model_location: str
     vae_location: str | None
-    pairs_path: str
+    pairs: PairsSpec
     resolution: int
     guidance_scale: float
 
@@ -107,9 +181,8 @@ _worker: tuple[DiffusionModel, PairLoader, float] | None = None
 def _init_worker(spec: X0WorkerSpec) -> None:
     global _worker
     torch.set_num_threads(1)
-    table = read_pairs(spec.pairs_path).reset_index(drop=True)
     model = load_diffusion_model(spec.model_location, vae=spec.vae_location)
-    _worker = (model, pair_loader(table, spec.resolution, Path(spec.pairs_path)), spec.guidance_scale)
+    _worker = (model, pair_loader(TrainingPairs(spec.pairs), spec.resolution), spec.guidance_scale)
 
 
 def _worker_x0(job: X0Job) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,6 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers.optimization import get_scheduler
 from torch import nn
 
 from spo.config import TrainSPMConfig
@@ -34,6 +33,8 @@ from spo.models.diffusion_model import DiffusionModel
 from spo.models.step_aware_preference_model import StepAwarePreferenceModel
 from spo.tracking.progress import progress
 from spo.tracking.tracker import Tracker
+from spo.training.checkpoints import CheckpointPolicy
+from spo.training.distributed import average_gradients, barrier, global_sum
 
 if TYPE_CHECKING:  # spm_inputs builds on this module's helpers
     from spo.training.spm_inputs import X0Job, X0Source
@@ -50,6 +51,7 @@ class PairBatch:
     images_1: torch.Tensor  # (B, 3, H, W)
     label_0: torch.Tensor  # (B,)
     label_1: torch.Tensor  # (B,)
+    weights: torch.Tensor | None = None  # (B,) loss weights: 1 / num_example_per_prompt (None = equal)
 
 
 PairLoader = Callable[[Sequence[int]], PairBatch]  # row indices -> decoded batch
@@ -96,17 +98,30 @@ def noisy_x0_images(model: DiffusionModel, images_0: torch.Tensor, images_1: tor
 # loss, accuracy, labels
 
 
-def spm_loss(scores_0: torch.Tensor, scores_1: torch.Tensor, label_0: torch.Tensor,
-             label_1: torch.Tensor) -> torch.Tensor:
-    """PickScore's loss without in-batch negatives: soft-label CE over [s0, s1], batch mean.
+def pair_losses(scores_0: torch.Tensor, scores_1: torch.Tensor, label_0: torch.Tensor,
+                label_1: torch.Tensor) -> torch.Tensor:
+    """PickScore's per-pair loss without in-batch negatives: soft-label CE over [s0, s1], (B,).
 
     Ties add log 0.5, so a perfectly tied pair scores 0 (as in the published criterion).
     """
     log_probs = torch.log_softmax(torch.stack([scores_0, scores_1], dim=-1).float(), dim=-1)  # (B, 2)
     labels = torch.stack([label_0, label_1], dim=-1).to(log_probs)
     loss = -(labels * log_probs).sum(-1)
-    loss = loss + (label_0 == label_1).to(loss) * math.log(0.5)
-    return loss.mean()
+    return loss + (label_0 == label_1).to(loss) * math.log(0.5)
+
+
+def spm_loss(scores_0: torch.Tensor, scores_1: torch.Tensor, label_0: torch.Tensor, label_1: torch.Tensor,
+             weights: torch.Tensor | None = None, total_weight: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Weighted mean of `pair_losses`: sum(w·l) / total_weight. The published criterion weights each pair
+    by 1/num_example_per_prompt (a prompt rated 5 times counts as much as one rated once), normalised over
+    the global batch: across processes `total_weight` is the sum of w over all of them (default: this
+    batch's sum; no weights: the plain mean)."""
+    losses = pair_losses(scores_0, scores_1, label_0, label_1)
+    if weights is None:
+        weights = torch.ones_like(losses)
+    weights = weights.to(losses)
+    total = weights.sum() if total_weight is None else total_weight
+    return (weights * losses).sum() / total
 
 
 def pairwise_correct(scores_0: torch.Tensor, scores_1: torch.Tensor, label_0: torch.Tensor,
@@ -166,22 +181,36 @@ def frozen_copy(spm: StepAwarePreferenceModel) -> StepAwarePreferenceModel:
 
 def make_optimizer(model: nn.Module, learning_rate: float, weight_decay: float,
                    named_params: Sequence[tuple[str, nn.Parameter]] | None = None) -> torch.optim.AdamW:
-    """AdamW; biases, norms, gates, logit scale (1-D params) are not decayed (decay would pull the
-    identity-initialised gates toward 0 and shrink the temperature)."""
+    """AdamW with weight decay on every trainable parameter, as the published trainer (DeepSpeed's
+    torch AdamW, one group). Gates, biases and the logit scale decay too: at the published lr the
+    shrink is lr·wd·steps = 3e-6 · 0.3 · 8000 = 0.7% over the whole run."""
     named = list(named_params) if named_params is not None else list(model.named_parameters())
-    decay = [p for _, p in named if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for _, p in named if p.requires_grad and p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate)
+    params = [p for _, p in named if p.requires_grad]
+    return torch.optim.AdamW([{"params": params, "weight_decay": weight_decay}], lr=learning_rate)
+
+
+def warmup_decay_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """DeepSpeed 0.12.3's WarmupDecayLR (warmup_type "log", min lr 0) exactly as the published SPM trainer
+    ran it: the LR factor of optimizer step `step` (0-based). DeepSpeed sets the LR for iteration i only
+    after optimizer step i and its constructor leaves the optimizer's LR alone, so step 0 runs at the
+    full LR and step s >= 1 at gamma(s - 1):
+        gamma(i) = log(i + 1) / log(warmup)            for i < warmup    (0 at i = 0: step 1 at LR 0)
+        gamma(i) = (total - i) / (total - warmup)       after, floored at 0.
+    total_steps is the run's max_steps (accelerate divides the trainer's max_steps x world size by the
+    number of processes again)."""
+    if step == 0:
+        return 1.0
+    i = step - 1
+    if i < warmup_steps:
+        return math.log(i + 1) / math.log(warmup_steps) if warmup_steps > 1 else 1.0
+    return max(0.0, (total_steps - i) / max(1.0, total_steps - warmup_steps))
 
 
 def warmup_decay_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int,
                           total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup to the peak over `warmup_steps`, then linear decay to 0 at `total_steps`: diffusers'
-    "linear" schedule, stepped once per optimizer step (step s < warmup runs at s/warmup of the peak, so
-    step 0 at lr 0)."""
-    return get_scheduler("linear", optimizer, num_warmup_steps=min(max(warmup_steps, 0), total_steps),
-                         num_training_steps=total_steps)
+    """`warmup_decay_factor` as a scheduler stepped once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_decay_factor(step, warmup_steps, total_steps))
 
 
 def optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
@@ -224,32 +253,66 @@ def autocast_factory(mixed_precision: str, device: torch.device) -> AutocastFact
 PairScorer = Callable[[int, PairBatch], tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass(frozen=True)
+class LoopOptions:
+    """How the training loop runs beyond the recipe: checkpoints, and where to resume from."""
+
+    checkpoints: CheckpointPolicy | None = None
+    resume: dict | None = None  # a checkpoint's state (CheckpointPolicy.latest) to continue from
+    saved_metrics: dict[str, float] | None = None  # measured before training, stored in each checkpoint
+
+
 def fit_pairs(spm: StepAwarePreferenceModel, named_params: list[tuple[str, nn.Parameter]], pair_scores: PairScorer,
               load_batch: PairLoader, batches: Iterator[list[int]] | Iterator[tuple[int, ...]], *,
-              learning_rate: float, steps: int, cfg: TrainSPMConfig, tracker: Tracker, prefix: str) -> list[float]:
+              learning_rate: float, steps: int, cfg: TrainSPMConfig, tracker: Tracker, prefix: str,
+              options: LoopOptions = LoopOptions()) -> list[float]:
     """`steps` AdamW steps (warmup-decay, clipped) of `spm_loss` on `pair_scores`; logs `{prefix}/…`.
-    `pair_scores(step, batch)` scores both images of the step's batch (step counts from 0)."""
+    `pair_scores(step, batch)` scores both images of the step's batch (step counts from 0).
+
+    Data parallel: each process scores its own batch; the loss is normalised by the global weight sum
+    and the gradients averaged (spo.training.distributed), so any number of processes takes the same
+    step. With `options.resume` the loop continues after the checkpoint's step, skipping the batches
+    already seen: the result equals an uninterrupted run."""
     params = [p for _, p in named_params]
     optimizer = make_optimizer(spm, learning_rate, cfg.weight_decay, named_params)
     scheduler = warmup_decay_schedule(optimizer, cfg.warmup_steps, steps)
-    losses = []
+    losses: list[float] = []
+    start = 0
+    if options.resume is not None:
+        spm.load_state_dict(options.resume["model"])
+        optimizer.load_state_dict(options.resume["optimizer"])
+        scheduler.load_state_dict(options.resume["scheduler"])
+        losses, start = list(options.resume["losses"]), int(options.resume["step"])
+    for _ in range(start):
+        next(batches)  # the same batches after a resume
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     spm.train()
-    bar = progress(range(1, steps + 1), desc=f"train_spm: {prefix}")
+    bar = progress(range(start + 1, steps + 1), desc=f"train_spm: {prefix}", total=steps, initial=start)
     for step in bar:
         batch = load_batch(next(batches))
         scores_0, scores_1 = pair_scores(step - 1, batch)
         label_0, label_1 = batch.label_0.to(scores_0.device), batch.label_1.to(scores_0.device)
-        loss = spm_loss(scores_0.float(), scores_1.float(), label_0, label_1)
+        weights = (batch.weights if batch.weights is not None else torch.ones_like(batch.label_0)).to(scores_0.device)
+        total_weight = global_sum(weights.sum().float())
+        # x world: the gradient average over processes then gives sum_all(w·l) / sum_all(w)
+        loss = spm_loss(scores_0.float(), scores_1.float(), label_0, label_1, weights, total_weight / world)
         loss.backward()
+        average_gradients(params)
         lr = scheduler.get_last_lr()[0]
         grad_norm = optimizer_step(params, optimizer, scheduler, cfg.grad_clip)
-        losses.append(loss.item())
-        logs = {f"{prefix}/loss": loss.item(), f"{prefix}/lr": lr, f"{prefix}/grad_norm": grad_norm}
+        losses.append(float(global_sum(loss.detach())) / world)
+        logs = {f"{prefix}/loss": losses[-1], f"{prefix}/lr": lr, f"{prefix}/grad_norm": grad_norm}
         accuracy = pairwise_accuracy(scores_0.detach(), scores_1.detach(), label_0, label_1)
         if not math.isnan(accuracy):
             logs[f"{prefix}/accuracy"] = accuracy
         tracker.log_metrics(logs, step=step)
         bar.set_postfix(loss=f"{_recent_mean(losses):.4f}", lr=f"{lr:.1e}", refresh=False)
+        if options.checkpoints is not None and options.checkpoints.due(step, steps):
+            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+                options.checkpoints.save(step, {"model": spm.state_dict(), "optimizer": optimizer.state_dict(),
+                                                "scheduler": scheduler.state_dict(), "losses": losses,
+                                                "metrics": dict(options.saved_metrics or {})})
+            barrier()
     spm.eval()
     return losses
 
@@ -299,7 +362,8 @@ def spm_pair_scores(spm: StepAwarePreferenceModel, images_0: torch.Tensor, image
 
 
 def train_spm(spm: StepAwarePreferenceModel, load_batch: PairLoader, jobs: Sequence[X0Job], x0_source: X0Source,
-              cfg: TrainSPMConfig, *, tracker: Tracker, autocast: AutocastFactory = nullcontext) -> list[float]:
+              cfg: TrainSPMConfig, *, tracker: Tracker, autocast: AutocastFactory = nullcontext,
+              options: LoopOptions = LoopOptions()) -> list[float]:
     """Phase 2: one step per planned job (`spm_inputs.plan_training_jobs`: its pairs, t ~ U{0..T−1}, noise)
     on the x̂0 that `x0_source` gives for it; every SPM parameter trains."""
     def pair_scores(step: int, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,7 +374,8 @@ def train_spm(spm: StepAwarePreferenceModel, load_batch: PairLoader, jobs: Seque
 
     named = [(n, p) for n, p in spm.named_parameters() if p.requires_grad]
     return fit_pairs(spm, named, pair_scores, load_batch, iter(job.indices for job in jobs),
-                     learning_rate=cfg.learning_rate, steps=len(jobs), cfg=cfg, tracker=tracker, prefix="spm")
+                     learning_rate=cfg.learning_rate, steps=len(jobs), cfg=cfg, tracker=tracker, prefix="spm",
+                     options=options)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -319,23 +384,26 @@ def train_spm(spm: StepAwarePreferenceModel, load_batch: PairLoader, jobs: Seque
 
 @torch.no_grad()
 def evaluate_accuracy(spm: StepAwarePreferenceModel, load_batch: PairLoader, jobs: Sequence[X0Job],
-                      x0_source: X0Source, *, autocast: AutocastFactory = nullcontext) -> dict[int, float]:
+                      x0_source: X0Source, *, autocast: AutocastFactory = nullcontext,
+                      timesteps: Sequence[int] | None = None) -> dict[int, float]:
     """Pairwise SPM accuracy (ties excluded) on the x̂0 of fixed-t jobs (`spm_inputs.plan_eval_jobs`), per t.
-    The same jobs before and after training mean identical inputs."""
+    The same jobs before and after training mean identical inputs. With several processes each scores
+    its share of the jobs and the counts are summed; `timesteps` then lists every t (a process may have
+    no job of some t)."""
     was_training = spm.training
     spm.eval()
-    counts: dict[int, list[int]] = {}
+    keys = sorted(set(timesteps) if timesteps is not None else {job.timesteps[0] for job in jobs})
+    counts = torch.zeros(len(keys), 2, dtype=torch.float64)
     for job in progress(jobs, desc="train_spm: accuracy", unit="batch"):
         batch = load_batch(job.indices)
         x0_0, x0_1 = x0_source(job)
-        timesteps = torch.tensor(job.timesteps)
         with autocast():
-            scores_0, scores_1 = spm_pair_scores(spm, x0_0, x0_1, batch.prompts, timesteps)
+            scores_0, scores_1 = spm_pair_scores(spm, x0_0, x0_1, batch.prompts, torch.tensor(job.timesteps))
         c, n = pairwise_correct(scores_0.cpu(), scores_1.cpu(), batch.label_0, batch.label_1)
-        tally = counts.setdefault(job.timesteps[0], [0, 0])
-        tally[0], tally[1] = tally[0] + c, tally[1] + n
+        counts[keys.index(job.timesteps[0])] += torch.tensor([c, n], dtype=torch.float64)
+    counts = global_sum(counts.to(spm.device)).cpu()
     spm.train(was_training)
-    return {t: correct / counted if counted else float("nan") for t, (correct, counted) in counts.items()}
+    return {t: float(c / n) if n else float("nan") for t, (c, n) in zip(keys, counts.tolist())}
 
 
 @torch.no_grad()
@@ -353,3 +421,38 @@ def backbone_clean_accuracy(spm: StepAwarePreferenceModel, load_batch: PairLoade
         correct, counted = correct + c, counted + n
     spm.train(was_training)
     return correct / counted if counted else float("nan")
+
+
+def published_pair_credit(scores_0: torch.Tensor, scores_1: torch.Tensor, label_0: torch.Tensor,
+                          label_1: torch.Tensor) -> torch.Tensor:
+    """The published validation's credit per pair, (s0 > s1)·label_0 + (s0 < s1)·label_1: 1 for a right
+    decisive pair, ½ for a tie label (0 if the scores are exactly equal), else 0 — averaged over *all*
+    pairs, ties included (ours excludes them)."""
+    return ((scores_0 > scores_1).to(torch.float64) * label_0.to(torch.float64)
+            + (scores_0 < scores_1).to(torch.float64) * label_1.to(torch.float64))
+
+
+@torch.no_grad()
+def clean_accuracy_metrics(spm: StepAwarePreferenceModel, load_batch: PairLoader, indices: Sequence[int],
+                           batch_size: int, autocast: AutocastFactory = nullcontext, *,
+                           prefix: str = "") -> dict[str, float]:
+    """The SPM at t = 0 on the clean images (no x̂0 step), as the published trainer reports its t = 0
+    accuracy: `{prefix}accuracy_clean_t0` (ties excluded, as ours) and `{prefix}accuracy_clean_t0_published`
+    (ties as ½). Every process scores every pair (the eval set is small)."""
+    was_training = spm.training
+    spm.eval()
+    correct = counted = 0
+    credit: list[torch.Tensor] = []
+    for start in range(0, len(indices), batch_size):
+        batch = load_batch(indices[start:start + batch_size])
+        with autocast():
+            scores_0, scores_1 = spm_pair_scores(spm, batch.images_0, batch.images_1, batch.prompts,
+                                                 torch.zeros(len(batch.prompts), dtype=torch.long))
+        scores_0, scores_1 = scores_0.float().cpu(), scores_1.float().cpu()
+        c, n = pairwise_correct(scores_0, scores_1, batch.label_0, batch.label_1)
+        correct, counted = correct + c, counted + n
+        credit.append(published_pair_credit(scores_0, scores_1, batch.label_0, batch.label_1))
+    spm.train(was_training)
+    return {f"{prefix}accuracy_clean_t0": correct / counted if counted else float("nan"),
+            f"{prefix}accuracy_clean_t0_published": float(torch.cat(credit).mean()) if credit else float("nan")}
+

@@ -1,0 +1,85 @@
+"""Data-parallel training across processes (GPUs), launched by `accelerate launch` or torchrun.
+
+accelerate sets the processes up (`PartialState`: rank, world size, device, the process group). We do
+not wrap the SPM in DDP: its scoring path is not `forward()` (text and time-conditioned image towers
+called separately), so after `backward()` the gradients are averaged explicitly (`average_gradients`),
+which is what DDP computes. Losses are normalised over the *global* batch (`global_sum`), so N
+processes with B pairs each take the same step as one process with N·B pairs.
+With one process everything here is a no-op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Processes:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def current_processes() -> Processes:
+    """This process's place: from accelerate's state when launched by it (or torchrun), else one process
+    on the GPU if there is one."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    return Processes(state.process_index, state.num_processes, state.device)
+
+
+def global_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum over processes (no gradient): e.g. the total loss weight of the global batch."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value
+
+
+BUCKET_ELEMENTS = 2**26  # 256 MB of fp32 per all-reduce: few calls, bounded extra memory (ViT-H: ~4 GB of grads)
+
+
+def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive gradients of one dtype, up to BUCKET_ELEMENTS per bucket."""
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for grad in grads:
+        if not buckets or buckets[-1][0].dtype != grad.dtype or size + grad.numel() > BUCKET_ELEMENTS:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(grad)
+        size += grad.numel()
+    return buckets
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Mean of every gradient over processes, a flat bucket per all-reduce (what DDP does, unoverlapped)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for bucket in _buckets([p.grad for p in params if p.grad is not None]):
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for grad in bucket:
+            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
