@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_train_spm import CFG, load_pairs, model, spm, tiny_world  # noqa: F401  (fixtures)
+from test_train_spm import CFG, load_pairs, tiny_world  # noqa: F401  (tiny_world: a fixture)
 
 from spo.data.prepared_layout import BACKBONE_DIR, BASE_MODEL_DIR
 from spo.models.diffusion_model import load_diffusion_model
@@ -57,9 +57,9 @@ class Interrupted(RuntimeError):
     pass
 
 
-def test_resume_equals_uninterrupted(tiny_world, tmp_path):  # noqa: F811
+def test_resume_equals_uninterrupted(tiny_world, tmp_path):  # noqa: F811 (the fixture)
     load_batch, indices = load_pairs(tiny_world)
-    model = load_diffusion_model(str(tiny_world / BASE_MODEL_DIR))  # noqa: F811
+    model = load_diffusion_model(str(tiny_world / BASE_MODEL_DIR))
     jobs = plan_training_jobs(indices, STEPS, CFG.batch_size, 1000, seed=0)
     source = in_process_source(model, load_batch, 5.0)
 
@@ -116,10 +116,10 @@ def _train_in_process(rank: int, world: int, root: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out}.pg", rank=rank, world_size=world)
     try:
         load_batch, indices = load_pairs(Path(root))
-        model = load_diffusion_model(str(Path(root) / BASE_MODEL_DIR))  # noqa: F811
+        model = load_diffusion_model(str(Path(root) / BASE_MODEL_DIR))
         jobs = plan_training_jobs(indices, STEPS * world, 4, 1000, seed=0)[rank::world]
         torch.manual_seed(0)
-        spm = StepAwarePreferenceModel.from_backbone(str(Path(root) / BACKBONE_DIR))  # noqa: F811
+        spm = StepAwarePreferenceModel.from_backbone(str(Path(root) / BACKBONE_DIR))
         tracker = MemoryTracker()
         losses = train_spm(spm, load_batch, jobs, in_process_source(model, load_batch, 5.0), CFG_4, tracker=tracker)
         if rank == 0:
@@ -146,7 +146,7 @@ def test_two_processes_take_the_steps_of_one_with_both_batches(tiny_world, tmp_p
 
     torch.set_num_threads(1)
     load_batch, indices = load_pairs(tiny_world)
-    model = load_diffusion_model(str(tiny_world / BASE_MODEL_DIR))  # noqa: F811
+    model = load_diffusion_model(str(tiny_world / BASE_MODEL_DIR))
     halves = plan_training_jobs(indices, STEPS * 2, 4, 1000, seed=0)
     merged = {}
     for a, b in zip(halves[0::2], halves[1::2]):
