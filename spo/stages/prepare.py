@@ -45,7 +45,8 @@ def _run_pickapic(cfg: Config, *, out_dir: Path, tracker: Tracker) -> dict[str, 
                                              if k in PICKAPIC_PARAMS}})
     with atomic_dir(out_dir) as staging:
         metrics = prepare_pickapic(cfg, staging)
-        write_json(staging / METRICS_FILE, metrics)
+        # counts only: a DVC metric that changed on every run (the time) would make every run look different
+        write_json(staging / METRICS_FILE, {k: v for k, v in metrics.items() if k != "seconds"})
     tracker.log_metrics(metrics)
     return metrics
 

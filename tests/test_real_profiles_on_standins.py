@@ -1,0 +1,72 @@
+"""The real profiles (sd15, sdxl) run prepare -> validate -> train_spm under DVC, on stand-ins of the real
+architectures (`spo fixtures build`): exactly what a user does for a dry run, with the printed command."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from test_dvc_pipeline import copy_repo, sh, stages_run
+
+from spo.config import load_config
+from spo.data.prepared_layout import EVAL_SPLIT, PAIRS_DIR, TRAIN_SPLIT, split_shards
+from spo.data.quarantine import read_quarantine
+from spo.models.step_aware_preference_model import StepAwarePreferenceModel
+
+
+def fresh_repo(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    env = {"PATH": f"{sys.prefix}/bin:/usr/bin:/bin", "HOME": str(tmp_path), "DVC_NO_ANALYTICS": "1",
+           "GX_ANALYTICS_ENABLED": "false", "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    for args in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "clone"]):
+        sh(args, repo, env)
+    return repo, env
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("profile", ["sd15", "sdxl"])
+def test_profile_runs_prepare_validate_train_spm_on_the_standins(profile, tmp_path):
+    repo, env = fresh_repo(tmp_path)
+    printed = sh([sys.executable, "-m", "spo.cli", "fixtures", "build", str(tmp_path / "standins"),
+                  "--profile", profile], repo, env)
+    command = next(line for line in printed.splitlines() if line.startswith(f"spo profile use {profile} "))
+    use, repro = command.split(" && ")
+    assert repro == "dvc repro train_spm"
+    sh([sys.executable, "-m", "spo.cli", *shlex.split(use)[1:]], repo, env)
+    cfg = load_config(repo / "params.yaml")
+    assert cfg.profile == profile and cfg.model.base_model == str(tmp_path / "standins" / profile)
+
+    out = sh(["dvc", "repro", "train_spm"], repo, env)
+    assert stages_run(out) == ["prepare", "validate", "train_spm"]
+
+    pairs = repo / "data/prepared" / PAIRS_DIR
+    train, held_out = split_shards(pairs, TRAIN_SPLIT), split_shards(pairs, EVAL_SPLIT)
+    prepared = json.loads((repo / "data/prepared/metrics.json").read_text())
+    assert sum(pq.ParquetFile(p).metadata.num_rows for p in train) == prepared["kept"] > 0
+    assert len(train) == -(-prepared["kept"] // cfg.prepare.rows_per_shard) and len(held_out) == 1
+    assert len(read_quarantine(repo / "reports/validate", columns=["shard"])) == 0
+    metrics = json.loads((repo / "models/spm/metrics.json").read_text())
+    assert metrics["num_train_pairs"] == prepared["kept"] and metrics["num_eval_pairs"] == prepared["eval_rows"]
+    for t in cfg.train_spm.eval_timesteps:
+        assert 0 <= metrics[f"accuracy_t{t}"] <= 1
+    spm = StepAwarePreferenceModel.from_pretrained(repo / "models/spm/model")
+    assert spm.clip.config.vision_config.image_size == 224  # the PickScore stand-in's real input size
+    assert not list((repo / "models/spm_checkpoints").glob("*.pt"))  # cleared once the model was written
+    assert stages_run(sh(["dvc", "repro", "train_spm"], repo, env)) == []
+
+
+def test_the_printed_overrides_name_only_keys_the_config_has(tmp_path):
+    """Cheap guard for the slow test's first step (a renamed key would fail there after minutes)."""
+    result = subprocess.run([sys.executable, "-m", "spo.cli", "fixtures", "build", str(tmp_path / "st"),
+                             "--profile", "sd15"], capture_output=True, text=True, check=True)
+    use = next(line for line in result.stdout.splitlines() if line.startswith("spo profile use sd15 "))
+    params = tmp_path / "params.yaml"
+    args = shlex.split(use.split(" && ")[0])[1:]
+    subprocess.run([sys.executable, "-m", "spo.cli", *args, "--params", str(params)], check=True, capture_output=True)
+    assert load_config(params).prepare.data_dir == str(tmp_path / "st" / "pickapic")
