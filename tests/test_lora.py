@@ -35,7 +35,8 @@ def trained(tiny_sd_dir, tmp_path_factory):
             param.data = torch.randn(param.shape, generator=gen) * 0.1  # B = 0 would hide the scale
     lora_dir = tmp_path_factory.mktemp("spo") / "lora"
     save_lora(model.unet, lora_dir)
-    inputs = (torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([300, 700]), model.encode_prompts(["one", "two"]))
+    embeds = model.encode_prompts(["one", "two"]).hidden_states
+    inputs = (torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([300, 700]), embeds)
     return model, lora_dir, inputs, unet_out(model.unet, inputs)
 
 

@@ -50,7 +50,7 @@ def unet_out(unet, latents, t, embeds):
 
 def test_lora_disabled_is_exactly_the_base(model):
     latents, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 20])
-    embeds = model.encode_prompts(["one", "two"])
+    embeds = model.encode_prompts(["one", "two"]).hidden_states
     base = unet_out(model.unet, latents, t, embeds)
     add_lora(model.unet, CFG)
     assert torch.equal(unet_out(model.unet, latents, t, embeds), base)  # B = 0 at init
@@ -68,7 +68,7 @@ def test_lora_round_trips_through_diffusers_format(model, tiny_sd_dir, tmp_path)
     fresh = load_diffusion_model(str(tiny_sd_dir))
     load_lora(fresh.unet, tmp_path / "lora")
     latents, t = torch.randn(2, 4, 8, 8), torch.tensor([300, 300])
-    embeds = model.encode_prompts(["one", "two"])
+    embeds = model.encode_prompts(["one", "two"]).hidden_states
     torch.testing.assert_close(unet_out(fresh.unet, latents, t, embeds), unet_out(model.unet, latents, t, embeds))
     with pytest.raises(FileNotFoundError, match="LoRA weights not found"):
         load_lora(fresh.unet, tmp_path / "missing")
@@ -100,7 +100,7 @@ def test_rollout_structure(model):
     settings = dataclasses.replace(rollout_settings(CFG), threshold=0.0)
     gen = torch.Generator().manual_seed(0)
     init = torch.randn(3, 4, 8, 8, generator=gen)
-    pairs, stats = rollout_pairs(model, model.encode_prompts(["a", "b", "c"]), model.encode_prompts([""]),
+    pairs, stats = rollout_pairs(model, model.encode_prompts(["a", "b", "c"]), model.encode_negative(),
                                  settings, scorer, init, gen)
     handle.remove()
     # 4 plain steps + 1 call at the branch + 15 candidate calls: as many UNet calls as plain sampling
@@ -118,7 +118,7 @@ def test_one_call_log_probs_equal_the_naive_four_calls(model):
     perturb_lora(model.unet)
     settings = dataclasses.replace(rollout_settings(CFG), threshold=0.0)
     gen = torch.Generator().manual_seed(1)
-    cond, uncond = model.encode_prompts(["a", "b"]), model.encode_prompts([""])
+    cond, uncond = model.encode_prompts(["a", "b"]), model.encode_negative()
     pairs, _ = rollout_pairs(model, cond, uncond, settings, RecordingScorer(), torch.randn(2, 4, 8, 8, generator=gen), gen)
     pairs = pairs.select(torch.arange(6))
     fast = pair_log_probs(model, pairs, cond[pairs.prompt_index], uncond, CFG)
@@ -143,7 +143,7 @@ def test_train_step_clips_and_updates_only_lora(model):
     lora_before = [p.detach().clone() for p in params]
     settings = dataclasses.replace(rollout_settings(cfg), threshold=0.0)
     gen = torch.Generator().manual_seed(2)
-    cond, uncond = model.encode_prompts(["a", "b"]), model.encode_prompts([""])
+    cond, uncond = model.encode_prompts(["a", "b"]), model.encode_negative()
     pairs, _ = rollout_pairs(model, cond, uncond, settings, RecordingScorer(), torch.randn(2, 4, 8, 8, generator=gen), gen)
     logs = train_step(model, pairs, cond, uncond, cfg, params, make_optimizer(params, cfg), nullcontext)
     assert logs["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at init

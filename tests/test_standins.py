@@ -137,7 +137,7 @@ def test_sd15_loads_through_the_project_loader(standins):
     model = load_diffusion_model(str(standins.sd15))
     latents = model.encode_images(torch.zeros(2, 3, 64, 64))
     assert latents.shape == (2, 4, 8, 8)
-    assert model.encode_prompts([PROMPT, ""]).shape == (2, 77, model.unet.config.cross_attention_dim)
+    assert model.encode_prompts([PROMPT, ""]).hidden_states.shape == (2, 77, model.unet.config.cross_attention_dim)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -31,8 +31,8 @@ def sample_images(model: DiffusionModel, prompts: list[str], seeds: list[int], *
     """Generate one image per (prompt, seed); returns images in [-1, 1], (B, 3, H, W), float32."""
     scheduler = model.scheduler
     scheduler.set_timesteps(num_inference_steps)
-    cond = model.encode_prompts(prompts)
-    uncond = model.encode_prompts([""])
+    cond = model.encode_prompts(prompts, resolution)
+    uncond = model.encode_negative(resolution)
     latents = seeded_noise(latent_shape(model, resolution), seeds, model.device) * scheduler.init_noise_sigma
     noise_gen = torch.Generator().manual_seed(int(sum(seeds)) + 1)
     for t in scheduler.timesteps:

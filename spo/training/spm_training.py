@@ -87,9 +87,10 @@ def noisy_x0_images(model: DiffusionModel, images_0: torch.Tensor, images_1: tor
     timesteps = timesteps.to(latents_0.device).long()
     timesteps_2 = torch.cat([timesteps, timesteps])
     latents_t = model.scheduler.add_noise(torch.cat([latents_0, latents_1]), torch.cat([noise, noise]), timesteps_2)
-    cond = model.encode_prompts(list(prompts))
-    uncond = model.encode_prompts([""])
-    noise_pred = guided_noise_pred(model.unet, latents_t, timesteps_2, torch.cat([cond, cond]), uncond, guidance_scale)
+    size = (images_0.shape[-2], images_0.shape[-1])  # SDXL's time ids: the training image size
+    cond = model.encode_prompts(list(prompts), size)
+    uncond = model.encode_negative(size)
+    noise_pred = guided_noise_pred(model.unet, latents_t, timesteps_2, cond.repeat(2), uncond, guidance_scale)
     x0_pred = predict_x0(model.scheduler, noise_pred.float(), timesteps_2, latents_t.float())
     return model.decode_latents(x0_pred).chunk(2)
 

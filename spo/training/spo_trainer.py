@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from spo.config import TrainSPOConfig
+from spo.diffusion.conditioning import PromptConditioning
 from spo.diffusion.ddim import ddim_step, gaussian_log_prob
 from spo.diffusion.guidance import guided_noise_pred
 from spo.diffusion.sampling import latent_shape
@@ -45,9 +46,9 @@ def rollout_settings(cfg: TrainSPOConfig) -> RolloutSettings:
                            threshold=cfg.threshold)
 
 
-def pair_log_probs(model: DiffusionModel, pairs: StepPairs, cond: torch.Tensor, uncond: torch.Tensor,
+def pair_log_probs(model: DiffusionModel, pairs: StepPairs, cond: PromptConditioning, uncond: PromptConditioning,
                    cfg: TrainSPOConfig) -> PairLogProbs:
-    """log p(x_win | x_t) and log p(x_lose | x_t) under the policy and the reference (cond: (N, L, D))."""
+    """log p(x_win | x_t) and log p(x_lose | x_t) under the policy and the reference (cond: N rows)."""
     def log_probs(unet: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         noise_pred = guided_noise_pred(unet, pairs.latents_t, pairs.timesteps, cond, uncond, cfg.guidance_scale)
         step = ddim_step(model.scheduler, noise_pred.float(), pairs.timesteps, pairs.latents_t.float(), cfg.eta)
@@ -66,7 +67,7 @@ def optimizer_chunks(num_pairs: int, chunk: int, generator: torch.Generator) -> 
         yield from torch.randperm(num_pairs, generator=generator).split(chunk)
 
 
-def train_step(model: DiffusionModel, pairs: StepPairs, cond: torch.Tensor, uncond: torch.Tensor,
+def train_step(model: DiffusionModel, pairs: StepPairs, cond: PromptConditioning, uncond: PromptConditioning,
                cfg: TrainSPOConfig, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                autocast: Callable[[], object]) -> dict[str, float]:
     """One optimizer step over `pairs`, in micro-batches of `pairs_per_batch` (gradient accumulation)."""
@@ -114,12 +115,12 @@ def train_spo(model: DiffusionModel, score_fn_for: Callable[[list[str]], ScoreFn
     generator = torch.Generator().manual_seed(seed)
     use_bf16 = cfg.mixed_precision == "bf16" and model.device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
-    uncond = model.encode_prompts([""])
+    uncond = model.encode_negative(resolution)
     step = 0
     bar = progress(prompt_rounds(prompts, cfg, seed), desc="train_spo", total=num_rounds(len(prompts), cfg),
                    unit="round")
     for round_idx, (epoch, round_prompts) in enumerate(bar):
-        cond = model.encode_prompts(round_prompts)
+        cond = model.encode_prompts(round_prompts, resolution)
         init = torch.randn((len(round_prompts), *latent_shape(model, resolution)), generator=generator)
         model.unet.eval()
         with autocast():

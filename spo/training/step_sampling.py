@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from spo.diffusion.conditioning import PromptConditioning
 from spo.diffusion.ddim import ddim_step, predict_x0, previous_timestep
 from spo.diffusion.guidance import guided_noise_pred
 from spo.models.diffusion_model import DiffusionModel
@@ -84,15 +85,16 @@ def _score_candidates(model: DiffusionModel, x0_pred: torch.Tensor, prompt_index
 
 
 @torch.no_grad()
-def rollout_pairs(model: DiffusionModel, cond: torch.Tensor, uncond: torch.Tensor, settings: RolloutSettings,
-                  score_fn: ScoreFn, initial_latents: torch.Tensor, generator: torch.Generator) -> tuple[StepPairs, RolloutStats]:
-    """Sample B trajectories with the current UNet and return the kept pairs. cond: (B, L, D)."""
+def rollout_pairs(model: DiffusionModel, cond: PromptConditioning, uncond: PromptConditioning,
+                  settings: RolloutSettings, score_fn: ScoreFn, initial_latents: torch.Tensor,
+                  generator: torch.Generator) -> tuple[StepPairs, RolloutStats]:
+    """Sample B trajectories with the current UNet and return the kept pairs. cond: B rows, uncond: 1."""
     scheduler, unet = model.scheduler, model.unet
     scheduler.set_timesteps(settings.num_inference_steps)
     timesteps = scheduler.timesteps.to(model.device)
     b, k = initial_latents.shape[0], settings.num_candidates
     prompt_index = torch.arange(b, device=model.device)
-    cond_k = cond.repeat_interleave(k, dim=0)  # (B*K, L, D), candidate-major within each prompt
+    cond_k = cond.repeat_interleave(k)  # B*K rows, candidate-major within each prompt
     latents = initial_latents.float()
     stats, kept = RolloutStats(), []
 
