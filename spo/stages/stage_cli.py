@@ -51,13 +51,30 @@ def pin_torch_threads(cfg: Config) -> None:
         torch.set_num_threads(cfg.torch_threads)
 
 
+def launched_rank() -> int:
+    """This process's rank under `accelerate launch` / torchrun (RANK), 0 when launched alone."""
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
 def stage_main(stage: str, argv: Sequence[str] | None, paths: Sequence[str], body: StageBody) -> Any:
-    """Parse args, open the stage's tracked run, call `body`; config errors exit 2 with the message."""
+    """Parse args, open the stage's tracked run, call `body`; config errors exit 2 with the message.
+
+    Under `accelerate launch` only rank 0 holds the output lock, tracks to MLflow and draws progress bars;
+    the other ranks train beside it (spo.training.distributed) with a tracker that records in memory."""
+    import os
+
     from spo.tracking.mlflow_tracker import stage_tracker
+    from spo.tracking.tracker import MemoryTracker
 
     with config_errors_exit_2(stage):
         cfg, args = parse_stage_args(stage, argv, paths)
     pin_torch_threads(cfg)
+    if launched_rank() > 0:
+        os.environ["SPO_PROGRESS"] = "0"
+        with config_errors_exit_2(stage):
+            return body(cfg, args, MemoryTracker())
     out_dir = getattr(args, "out_dir", None)
     with config_errors_exit_2(stage), ExitStack() as stack:  # e.g. a model dir the config names is missing
         stack.enter_context(terminal_output())  # logging on stderr, clear of the progress bars

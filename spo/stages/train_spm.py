@@ -158,6 +158,9 @@ def run(cfg: Config, *, prepared_dir: Path, out_dir: Path, tracker: Tracker, val
     model = load_diffusion_model(model_location, vae=cfg.model.vae,
                                  dtype=DTYPES[cfg.model.dtype] if device.type == "cuda" else torch.float32,
                                  device=device)
+    if model.architecture != cfg.model.architecture:
+        raise ConfigError(f"model.architecture={cfg.model.architecture} but model.base_model {model_location} is an "
+                          f"{model.architecture} pipeline")
     spm = initial_spm(cfg, prepared_dir).to(device).eval()
     generator = torch.Generator().manual_seed(cfg.seed)
     # every x̂0 input is planned now: on a CPU a worker computes them while the preference phase trains here;

@@ -33,12 +33,21 @@ class Processes:
 
 
 def current_processes() -> Processes:
-    """This process's place: from accelerate's state when launched by it (or torchrun), else one process
-    on the GPU if there is one."""
+    """This process's place: from accelerate's state when launched by `accelerate launch` or torchrun on
+    GPUs, else one process on the GPU if there is one. accelerate sees a CPU-only torchrun as one process
+    (DistributedType.NO); then the gloo group is set up here from torchrun's environment, so the same
+    code runs (and is tested) data-parallel on CPUs."""
+    import os
+
     from accelerate import PartialState
 
     state = PartialState()
-    return Processes(state.process_index, state.num_processes, state.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes > 1 or world == 1:
+        return Processes(state.process_index, state.num_processes, state.device)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return Processes(dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
 
 
 def global_sum(value: torch.Tensor) -> torch.Tensor:
