@@ -8,14 +8,12 @@
                                                real profiles: models.json (where each model comes from)
     metrics.json                               counts (DVC metrics)
 
-and where a stage finds its models: the hub id of a real profile, or what `prepare` built for digits.
+(Where a stage finds its models, from the config: spo.data.model_locations.)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from spo.config import Config
 
 PAIRS_DIR = "pairs"
 TRAIN_SPLIT = "train"
@@ -38,11 +36,3 @@ def shard_name(split: str, index: int) -> str:
 def split_shards(pairs_dir: Path, split: str) -> list[Path]:
     """The shards of one split in `pairs_dir`, in order (empty if none)."""
     return sorted(Path(pairs_dir).glob(f"{split}-[0-9][0-9][0-9][0-9][0-9].parquet"))
-
-
-def base_model_location(cfg: Config, prepared_dir: Path) -> str:
-    return cfg.model.base_model or str(prepared_dir / BASE_MODEL_DIR)
-
-
-def preference_backbone_location(cfg: Config, prepared_dir: Path) -> str:
-    return cfg.model.preference_backbone or str(prepared_dir / BACKBONE_DIR)

@@ -16,7 +16,8 @@ import torch
 
 from spo.atomic_write import atomic_dir
 from spo.config import Config, flat_params
-from spo.data.prepared_layout import EVAL_PROMPTS_FILE, ORACLE_DIR, base_model_location
+from spo.data.model_locations import base_model_location
+from spo.data.prepared_layout import EVAL_PROMPTS_FILE, ORACLE_DIR
 from spo.data.prompts import read_prompts
 from spo.diffusion.cpu_workers import SamplerSpec, sampling_workers
 from spo.evaluation.model_comparison import (

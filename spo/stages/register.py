@@ -23,7 +23,7 @@ from mlflow.types import ColSpec, Schema
 
 from spo.atomic_write import write_json
 from spo.config import Config
-from spo.data.prepared_layout import base_model_location
+from spo.data.model_locations import base_model_location
 from spo.tracking.mlflow_tracker import flat_metrics
 from spo.tracking.tracker import Tracker
 

@@ -23,11 +23,8 @@ import torch
 
 from spo.atomic_write import atomic_dir, write_json
 from spo.config import Config, ConfigError, MissingPathError, flat_params
-from spo.data.prepared_layout import (
-    PAIRS_DIR,
-    base_model_location,
-    preference_backbone_location,
-)
+from spo.data.model_locations import base_model_location, preference_backbone_location
+from spo.data.prepared_layout import PAIRS_DIR
 from spo.data.quarantine import QUARANTINE_FILE
 from spo.models.diffusion_model import load_diffusion_model
 from spo.models.published_spm_checkpoint import (

@@ -12,7 +12,8 @@ import torch
 
 from spo.atomic_write import atomic_dir
 from spo.config import Config, flat_params
-from spo.data.prepared_layout import TRAIN_PROMPTS_FILE, base_model_location
+from spo.data.model_locations import base_model_location
+from spo.data.prepared_layout import TRAIN_PROMPTS_FILE
 from spo.data.prompts import read_prompts
 from spo.models.diffusion_model import load_diffusion_model
 from spo.models.lora import add_lora, save_lora
