@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from spo.config import load_profile
+from spo.data.prepared_layout import BASE_MODEL_DIR
 from spo.stages import register
 from spo.tracking.mlflow_tracker import stage_tracker
 
@@ -21,8 +22,8 @@ CFG = load_profile("digits", ["register.model_name=spo-test-lora", "register.ali
 def stage_dirs(tmp_path, tiny_lora):
     base, lora_dir = tiny_lora
     prepared = tmp_path / "prepared"
-    prepared.mkdir()
-    (prepared / "base_model").symlink_to(base, target_is_directory=True)
+    (prepared / "models").mkdir(parents=True)
+    (prepared / BASE_MODEL_DIR).symlink_to(base, target_is_directory=True)
     eval_dir = tmp_path / "evaluate"
     eval_dir.mkdir()
     (eval_dir / "metrics.json").write_text(json.dumps({"spo": {"aesthetic": 0.75, "alignment": 0.9},
@@ -43,7 +44,7 @@ def test_register_logs_aliases_and_loads_back(mlflow_db, tmp_path, stage_dirs, t
     client = MlflowClient()
     version = client.get_model_version_by_alias("spo-test-lora", "candidate")
     assert str(version.version) == "1" and version.tags["metric.spo.aesthetic"] == "0.75"
-    assert version.tags["base_model"] == str(prepared / "base_model")
+    assert version.tags["base_model"] == str(prepared / BASE_MODEL_DIR)
     run = client.get_run(info["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == info["parent_run_id"]
     assert client.get_run(info["parent_run_id"]).info.status == "FINISHED"  # register ends the pipeline run
