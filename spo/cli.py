@@ -3,6 +3,7 @@
     spo prepare|validate|train_spm|train_spo|evaluate|register [stage args]   (what dvc.yaml runs)
     spo profile list | show | use NAME
     spo fixtures build DIR [--profile sd15|sdxl|all]                          (stand-ins of the real models)
+    spo export --merged OUT [--base BASE] [--lora DIR | --unet DIR] [--vae VAE]   (one diffusers pipeline dir)
     spo pipeline compile|submit|run-local [...]                              (pipelines/cli.py; needs kfp)
 
 Stage and pipeline modules are imported only when asked for, so `spo profile` stays fast and `spo/`
@@ -33,7 +34,11 @@ from spo.config import (
     read_params,
     unimplemented,
 )
+from spo.data.model_locations import base_model_location
 from spo.stages import STAGES
+
+DEFAULT_PREPARED_DIR = Path("data/prepared")  # dvc.yaml's `prepare` output (digits: the base model is built there)
+DEFAULT_LORA_DIR = Path("models/spo/lora")  # dvc.yaml's `train_spo` output
 
 USAGE = f"""usage: spo COMMAND [ARGS]
 
@@ -41,6 +46,8 @@ commands:
   {' | '.join(STAGES)}   run one pipeline stage (see `spo STAGE --help`)
   profile list | show | use NAME   list the profiles, show the active one, or switch params.yaml to NAME
   fixtures build DIR [--profile sd15|sdxl|all]   write tiny stand-ins of the real models and Pick-a-Pic to DIR
+  export --merged OUT [--base BASE] [--lora DIR | --unet DIR] [--vae VAE]
+                  write the base pipeline with the SPO LoRA fused (or a full UNet swapped in) to OUT
   pipeline compile | submit | run-local   compile, submit or locally run the Kubeflow pipeline
 """
 
@@ -152,6 +159,40 @@ def fixtures_main(argv: list[str]) -> int:
     return 0
 
 
+def _export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spo export", description="Export the SPO fine-tune for other tools.")
+    parser.add_argument("--merged", type=Path, metavar="OUT",
+                        help="write the base pipeline with the fine-tune baked in to OUT (diffusers format)")
+    parser.add_argument("--base", metavar="BASE", help="base pipeline dir or hub id (default: model.base_model of --params)")
+    tune = parser.add_mutually_exclusive_group()
+    tune.add_argument("--lora", type=Path, metavar="DIR", help=f"LoRA dir to fuse (default: {DEFAULT_LORA_DIR})")
+    tune.add_argument("--unet", type=Path, metavar="DIR", help="full fine-tuned UNet: a dir holding unet/, or a UNet dir")
+    parser.add_argument("--vae", metavar="VAE", help="replacement VAE dir or hub id (default: model.vae of --params when --base "
+                                      "is not given; with --base, none)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the params file (default: params.yaml)")
+    return parser
+
+
+def export_main(argv: list[str]) -> int:
+    """`spo export --merged OUT`: base, VAE and LoRA default to the active params and dvc.yaml's outputs."""
+    parser = _export_parser()
+    args = parser.parse_args(argv)
+    if args.merged is None:
+        print("spo export: nothing to export: give --merged OUT (the only format today, a merged diffusers "
+              f"pipeline; the LoRA itself, {DEFAULT_LORA_DIR}, loads with pipe.load_lora_weights)", file=sys.stderr)
+        return 2
+    base, vae = args.base, args.vae
+    if base is None:  # the model the params train: the VAE replacement belongs to it
+        cfg = load_config(args.params, require_implemented=False)
+        base, vae = base_model_location(cfg, DEFAULT_PREPARED_DIR), vae or cfg.model.vae
+    lora = None if args.unet else args.lora or DEFAULT_LORA_DIR
+    from spo.models.export import export_merged  # torch/diffusers: only when asked
+
+    export_merged(base, args.merged, lora_dir=lora, unet_dir=args.unet, vae=vae)
+    print(f"{args.merged} <- {base} + {args.unet or lora}{f' + vae {vae}' if vae else ''}")
+    return 0
+
+
 def _pipeline_cli():
     if importlib.util.find_spec("kfp") is None:  # spo/ never imports kfp itself
         raise SystemExit('spo pipeline: kfp is not installed; pip install -e ".[pipeline]"')
@@ -172,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             return profile_main(rest)
         if command == "fixtures":
             return fixtures_main(rest)
+        if command == "export":
+            return export_main(rest)
         if command == "pipeline":
             return _pipeline_cli().main(rest) or 0
     except ConfigError as err:

@@ -8,10 +8,9 @@ import textwrap
 import time
 
 import pytest
+from conftest import digits_config
 from mlflow import MlflowClient
 from PIL import Image
-
-from conftest import digits_config
 
 from spo.tracking import mlflow_tracker as mlflow_tracking
 from spo.tracking.mlflow_tracker import open_pipeline_run, stage_tracker

@@ -19,8 +19,8 @@ from test_step_aware_preference_model import build_tiny_clip, perturb_time_condi
 from tiny_models import build_tiny_sd
 
 from spo.config import load_profile
-from spo.data.quarantine import QUARANTINE_FILE, quarantine_schema
 from spo.data.prepared_layout import BACKBONE_DIR, BASE_MODEL_DIR, MODELS_DIR, PAIRS_DIR, TRAIN_SPLIT, shard_name
+from spo.data.quarantine import QUARANTINE_FILE, quarantine_schema
 from spo.models.diffusion_model import load_diffusion_model
 from spo.models.step_aware_preference_model import StepAwarePreferenceModel
 from spo.stages import train_spm as stage
