@@ -78,12 +78,12 @@ def main() -> None:
                               set_alpha_to_one=False, steps_offset=1)
     scheduler.set_timesteps(cfg.num_inference_steps)
     reference = copy.deepcopy(unet).requires_grad_(False)  # the published frozen copy
-    params = add_lora(unet, cfg)
+    add_lora(unet, cfg)
     n, s = args.pairs, unet.config.sample_size
     shape = (n, 4, s, s)
     pairs = StepPairs(torch.randn(shape, device=args.device), torch.randn(shape, device=args.device),
                       torch.randn(shape, device=args.device), torch.full((n,), 501, device=args.device),
-                      torch.arange(n, device=args.device))
+                      torch.arange(n, device=args.device), torch.full((n,), 10, device=args.device))
     d = unet.config.cross_attention_dim
     cond = torch.randn(n, TEXT_LEN[args.size], d, device=args.device, dtype=dtype)
     uncond = torch.randn(1, TEXT_LEN[args.size], d, device=args.device, dtype=dtype)

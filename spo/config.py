@@ -179,12 +179,21 @@ class TrainSPOConfig:
     adam_epsilon: Positive
     weight_decay: NonNegative
     grad_clip: NonNegative  # 0 disables clipping
-    prompts_per_round: PositiveInt
-    pairs_per_batch: PositiveInt
-    gradient_accumulation_steps: PositiveInt
+    # The batch is set in pairs per optimizer step over all processes (the recipe's unit: SD1.5 40 = 10 per GPU
+    # x 4 GPUs); each process accumulates pairs_per_step / world_size pairs in micro-batches of pairs_per_batch.
+    prompts_per_round: PositiveInt  # over all processes (SD1.5: 10 per GPU x 4); each rolls out its share
+    prompts_per_rollout: PositiveInt  # per process per sampling batch (memory; the recipe's 10 per GPU)
+    pairs_per_step: PositiveInt  # pairs per optimizer step, all processes together
+    pairs_per_batch: PositiveInt  # micro-batch per process (memory); accumulation follows from the world size
     num_epochs: PositiveInt
     max_prompts: PositiveInt | None  # None = every prompt in the prompt file
-    mixed_precision: Precision
+    mixed_precision: Precision  # autocast of the UNet calls; log-probs and the SPM always run in fp32
+    gradient_checkpointing: bool
+    full_finetune: bool  # train every UNet weight (reference: a frozen copy) instead of the LoRA
+    attention: Literal["sdpa", "eager"]  # torch's scaled_dot_product_attention, or the plain matmul processor
+    lr_warmup_steps: Count  # linear warmup; the recipe's learning rate is constant (0)
+    checkpoint_every: Count  # rounds between resumable checkpoints (0: none)
+    checkpoint_keep: PositiveInt  # the newest checkpoints kept
 
     @field_validator("branch_start_step")
     @classmethod

@@ -25,11 +25,11 @@ class ConstantScorer:
 def test_train_spo_bar_shows_rounds_kept_pairs_and_loss(tmp_path, capsys):
     model = load_diffusion_model(str(build_tiny_sd(tmp_path / "sd")))
     cfg = dataclasses.replace(load_profile("digits").train_spo, mixed_precision="fp32", num_epochs=1, threshold=0.0,
-                              prompts_per_round=2, pairs_per_batch=4, gradient_accumulation_steps=1,
+                              prompts_per_round=2, prompts_per_rollout=2, pairs_per_step=4, pairs_per_batch=4,
                               num_inference_steps=6, branch_start_step=4)
     params = add_lora(model.unet, cfg)
     train_spo(model, lambda prompts: ConstantScorer(), ["one", "two", "three"], params, cfg, resolution=16, seed=0,
-              tracker=MemoryTracker(), history=[])
+              tracker=MemoryTracker())
     err = capsys.readouterr().err
     final = err.replace("\r", "\n").strip().splitlines()[-1]
     assert final.startswith("train_spo: 100%") and "2/2" in final and "round" in final

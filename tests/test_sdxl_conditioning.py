@@ -26,7 +26,7 @@ from spo.standins.models import (
     build_sdxl_fp16_fix_vae,
 )
 from spo.training.spm_training import noisy_x0_images
-from spo.training.step_sampling import RolloutSettings, rollout_pairs
+from spo.training.step_sampling import RolloutSettings, initial_latents, prompt_generators, rollout_pairs
 
 PROMPTS = ["a red fox", "a blue whale in the sea"]
 
@@ -184,9 +184,10 @@ def test_sampling_and_rollout_run_on_sdxl(sdxl):
     assert images.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE) and torch.isfinite(images).all()
     settings = RolloutSettings(num_inference_steps=6, eta=1.0, guidance_scale=5.0, num_candidates=2,
                                branch_start_step=2, threshold=0.0)
-    gen = torch.Generator().manual_seed(0)
+    gens = prompt_generators([0, 1])
     pairs, stats = rollout_pairs(sdxl, sdxl.encode_prompts(PROMPTS), sdxl.encode_negative(), settings,
-                                 lambda images, index, t: images.mean(dim=(1, 2, 3)), torch.randn(2, 4, 8, 8), gen)
+                                 lambda images, index, t: images.mean(dim=(1, 2, 3)),
+                                 initial_latents(gens, (4, 8, 8)), gens)
     assert len(pairs) == stats.num_kept == 2 * 4 and torch.isfinite(pairs.latents_win).all()
 
 

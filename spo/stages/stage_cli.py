@@ -25,8 +25,11 @@ def parse_stage_args(stage: str, argv: Sequence[str] | None, paths: Sequence[str
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a param, e.g. -S train_spo.beta=5.0")
-    for name in paths:
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True)
+    for name in paths:  # "name?" is an optional path (default None)
+        optional = name.endswith("?")
+        name = name.rstrip("?")
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=not optional,
+                            default=None)
     args = parser.parse_args(argv)
     return load_config(args.params, args.overrides), args
 
@@ -58,7 +61,44 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def stage_main(stage: str, argv: Sequence[str] | None, paths: Sequence[str], body: StageBody) -> Any:
+PROCESSES_ENV = "SPO_NUM_PROCESSES"  # data-parallel processes for the training stages (e.g. GPUs of a node)
+ACCELERATE_CONFIG_ENV = "SPO_ACCELERATE_CONFIG"
+DEFAULT_ACCELERATE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "one_node.yaml"
+
+
+def accelerate_command(stage: str, argv: Sequence[str], num_processes: int) -> list[str]:
+    """`accelerate launch` of this stage in `num_processes` processes, with the checked-in config (or
+    $SPO_ACCELERATE_CONFIG): what `SPO_NUM_PROCESSES=N dvc repro` runs for train_spm and train_spo."""
+    import os
+    import shutil
+
+    config = os.environ.get(ACCELERATE_CONFIG_ENV) or str(DEFAULT_ACCELERATE_CONFIG)
+    if not Path(config).is_file():
+        raise ConfigError(f"{ACCELERATE_CONFIG_ENV}: accelerate config not found: {config}")
+    launcher = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
+    return [launcher, "launch", "--config_file", config, "--num_processes", str(num_processes),
+            "-m", "spo.cli", stage, *argv]
+
+
+def relaunch_data_parallel(stage: str, argv: Sequence[str] | None) -> None:
+    """With SPO_NUM_PROCESSES=N > 1 and not yet launched, replace this process by N under accelerate.
+    The result does not depend on N (the same global batch), so DVC's hash does not either."""
+    import os
+
+    raw = os.environ.get(PROCESSES_ENV, "1")
+    if "WORLD_SIZE" in os.environ or raw in ("", "1"):
+        return
+    if not raw.isdigit() or int(raw) < 1:
+        print(f"spo {stage}: {PROCESSES_ENV}={raw!r} is not a positive number of processes", file=sys.stderr)
+        raise SystemExit(2)
+    with config_errors_exit_2(stage):
+        command = accelerate_command(stage, list(sys.argv[2:] if argv is None else argv), int(raw))
+    sys.stdout.flush()
+    os.execv(command[0], command)
+
+
+def stage_main(stage: str, argv: Sequence[str] | None, paths: Sequence[str], body: StageBody,
+               *, data_parallel: bool = False) -> Any:
     """Parse args, open the stage's tracked run, call `body`; config errors exit 2 with the message.
 
     Under `accelerate launch` only rank 0 holds the output lock, tracks to MLflow and draws progress bars;
@@ -68,6 +108,8 @@ def stage_main(stage: str, argv: Sequence[str] | None, paths: Sequence[str], bod
     from spo.tracking.mlflow_tracker import stage_tracker
     from spo.tracking.tracker import MemoryTracker
 
+    if data_parallel:
+        relaunch_data_parallel(stage, argv)
     with config_errors_exit_2(stage):
         cfg, args = parse_stage_args(stage, argv, paths)
     pin_torch_threads(cfg)

@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     stage_main("train_spm", argv, ["prepared_dir", "validate_dir", "out_dir", "checkpoint_dir"],
                lambda cfg, args, tracker: run(cfg, prepared_dir=args.prepared_dir, validate_dir=args.validate_dir,
                                               out_dir=args.out_dir, checkpoint_dir=args.checkpoint_dir,
-                                              tracker=tracker))
+                                              tracker=tracker),
+               data_parallel=True)
 
 
 if __name__ == "__main__":

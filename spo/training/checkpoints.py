@@ -28,7 +28,6 @@ import torch
 from spo.atomic_write import atomic_file
 
 log = logging.getLogger(__name__)
-NAME = re.compile(r"^step-(\d{6,})\.pt$")
 
 
 def fingerprint(*parts: Any) -> str:
@@ -45,9 +44,10 @@ class CheckpointPolicy:
     every: int
     fingerprint: str
     keep: int = 2
+    unit: str = "step"  # what the counter counts (SPO checkpoints every N rounds): the files' prefix
 
     def path(self, step: int) -> Path:
-        return self.directory / f"step-{step:06d}.pt"
+        return self.directory / f"{self.unit}-{step:06d}.pt"
 
     def due(self, step: int, last_step: int) -> bool:
         """Save after `step` (1-based) when it is a multiple of `every`, but not at the very end: the stage
@@ -57,7 +57,8 @@ class CheckpointPolicy:
     def steps_on_disk(self) -> list[int]:
         if not self.directory.is_dir():
             return []
-        return sorted(int(m.group(1)) for p in self.directory.iterdir() if (m := NAME.match(p.name)))
+        name = re.compile(rf"^{re.escape(self.unit)}-(\d{{6,}})\.pt$")
+        return sorted(int(m.group(1)) for p in self.directory.iterdir() if (m := name.match(p.name)))
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
         """Write step `step`'s state atomically, then drop all but the newest `keep`."""

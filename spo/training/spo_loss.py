@@ -20,6 +20,10 @@ class SPOLossOutput:
     loss: torch.Tensor  # scalar, mean over pairs
     ratio_win: torch.Tensor  # (N,) unclamped p_θ/p_ref of the winner, for logging
     ratio_lose: torch.Tensor  # (N,)
+    clamped_ratio_win: torch.Tensor  # (N,) the ratio the loss saw
+    clamped_ratio_lose: torch.Tensor  # (N,)
+    clipped_win: torch.Tensor  # (N,) bool: outside [1 - eps, 1 + eps], so no gradient through it
+    clipped_lose: torch.Tensor  # (N,)
 
 
 def spo_loss(logp_win: torch.Tensor, logp_lose: torch.Tensor, ref_logp_win: torch.Tensor,
@@ -31,4 +35,8 @@ def spo_loss(logp_win: torch.Tensor, logp_lose: torch.Tensor, ref_logp_win: torc
     ratio_lose = torch.clamp(log_ratio_lose.exp(), 1 - clip_eps, 1 + clip_eps)
     margin = beta * (ratio_win.log() - ratio_lose.log())
     loss = -F.logsigmoid(margin).mean()
-    return SPOLossOutput(loss=loss, ratio_win=log_ratio_win.detach().exp(), ratio_lose=log_ratio_lose.detach().exp())
+    raw_win, raw_lose = log_ratio_win.detach().exp(), log_ratio_lose.detach().exp()
+    return SPOLossOutput(loss=loss, ratio_win=raw_win, ratio_lose=raw_lose, clamped_ratio_win=ratio_win.detach(),
+                         clamped_ratio_lose=ratio_lose.detach(),
+                         clipped_win=(raw_win < 1 - clip_eps) | (raw_win > 1 + clip_eps),
+                         clipped_lose=(raw_lose < 1 - clip_eps) | (raw_lose > 1 + clip_eps))
