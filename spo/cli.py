@@ -155,7 +155,7 @@ def fixtures_main(argv: list[str]) -> int:
     for profile in profiles:
         sets = " ".join(f"-S {shlex.quote(item)}" for item in profile_overrides(standins, profile))
         print(f"\n# {profile} on the stand-ins (CPU, minutes):")
-        print(f"spo profile use {profile} {sets} && dvc repro train_spm")
+        print(f"spo profile use {profile} {sets} && dvc repro train_spo")
     return 0
 
 

@@ -338,10 +338,10 @@ def test_fixtures_cli_builds_and_prints_the_commands(tmp_path, capsys):
     manifest = json.loads((tmp_path / "fx" / MANIFEST).read_text())
     assert manifest["profiles"] == ["sd15"] and set(manifest["parts"]) == {"sd15", "pickscore", "pickapic"}
     command = next(line for line in out.splitlines() if line.startswith("spo profile use sd15 -S "))
-    assert command.endswith(" && dvc repro train_spm") and "sdxl" not in out
+    assert command.endswith(" && dvc repro train_spo") and "sdxl" not in out
     # the printed `spo profile use ... -S ...` writes a params.yaml that is the profile with the overrides
     params = tmp_path / "params.yaml"
-    args = shlex.split(command.removesuffix(" && dvc repro train_spm"))[1:]
+    args = shlex.split(command.removesuffix(" && dvc repro train_spo"))[1:]
     assert main([*args, "--params", str(params)]) == 0
     overrides = [a for prev, a in zip(args, args[1:]) if prev == "-S"]
     assert load_config(params) == load_profile("sd15", overrides)
