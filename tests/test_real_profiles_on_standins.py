@@ -12,13 +12,11 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-from safetensors.torch import load_file
 from test_dvc_pipeline import copy_repo, sh, stages_run
 
 from spo.config import load_config
 from spo.data.prepared_layout import EVAL_SPLIT, PAIRS_DIR, TRAIN_SPLIT, split_shards
 from spo.data.quarantine import read_quarantine
-from spo.models.lora import LORA_WEIGHTS_FILE
 from spo.models.step_aware_preference_model import StepAwarePreferenceModel
 
 
@@ -46,7 +44,10 @@ def test_profile_runs_through_train_spo_on_the_standins(profile, tmp_path):
     cfg = load_config(repo / "params.yaml")
     assert cfg.profile == profile and cfg.model.base_model == str(tmp_path / "standins" / profile)
 
-    out = sh(["dvc", "repro", "train_spo"], repo, env)
+    # sd15 trains data parallel: SPO_NUM_PROCESSES=2 relaunches train_spm and train_spo under accelerate
+    # (gloo on the CPU); tests/test_spo_resume_and_processes.py shows 2 processes take 1 process's steps
+    processes = 2 if profile == "sd15" else 1
+    out = sh(["dvc", "repro", "train_spo"], repo, {**env, "SPO_NUM_PROCESSES": str(processes)})
     assert stages_run(out) == ["prepare", "validate", "train_spm", "train_spo"]
 
     pairs = repo / "data/prepared" / PAIRS_DIR
@@ -63,31 +64,19 @@ def test_profile_runs_through_train_spo_on_the_standins(profile, tmp_path):
     assert spm.clip.config.vision_config.image_size == 224  # the PickScore stand-in's real input size
     assert not list((repo / "models/spm_checkpoints").glob("*.pt"))  # cleared once the model was written
 
-    # SPO (SDXL: MSPO): 2 rounds of 2 prompts, every comparison kept (threshold 0 on the stand-ins)
+    # SPO (SDXL: MSPO): 1 round of 2 prompts, every comparison kept (threshold 0 on the stand-ins)
     spo = json.loads((repo / "models/spo/metrics.json").read_text())
     transitions = 16  # 20 steps, branching from step 4: 16 transitions per prompt for SD1.5 and MSPO alike
-    assert spo["rounds"] == 2 and spo["optimizer_steps"] == 2 * 2 * transitions / cfg.train_spo.pairs_per_step
+    assert spo["rounds"] == 1 and spo["optimizer_steps"] == 2 * transitions / cfg.train_spo.pairs_per_step
+    assert spo["num_processes"] == metrics["num_processes"] == processes
     history = list(csv.DictReader((repo / "models/spo/history.csv").open()))
     assert len(history) == spo["optimizer_steps"] and all(0 <= float(h["clip_fraction"]) <= 1 for h in history)
-    assert not list((repo / "models/spo_checkpoints").glob("*.pt"))  # written every round, cleared at the end
+    assert not list((repo / "models/spo_checkpoints").glob("*.pt"))  # none after the last round, or left behind
     pipe_class = StableDiffusionPipeline if profile == "sd15" else StableDiffusionXLPipeline
     pipe = pipe_class.from_pretrained(cfg.model.base_model)
     pipe.load_lora_weights(str(repo / "models/spo/lora"))  # what a user does with our output
     assert any("lora" in name for name, _ in pipe.unet.named_parameters())
     assert stages_run(sh(["dvc", "repro", "train_spo"], repo, env)) == []
-
-    if profile == "sd15":  # two accelerate processes (gloo on the CPU) train the adapter of one
-        two = tmp_path / "spo_two_processes"
-        sh([sys.executable, "-m", "spo.cli", "train_spo", "--prepared-dir", "data/prepared", "--spm-dir",
-            "models/spm", "--out-dir", str(two)], repo, {**env, "SPO_NUM_PROCESSES": "2"})
-        assert json.loads((two / "metrics.json").read_text())["num_processes"] == 2
-        one, both = (load_file(d / "lora" / LORA_WEIGHTS_FILE) for d in (repo / "models/spo", two))
-        assert one.keys() == both.keys()
-        worst = max((one[k] - both[k]).abs().max().item() for k in one)
-        moved = max(one[k].abs().max().item() for k in one if "lora.up" in k or "lora_B" in k)  # B starts at 0
-        # 4 Adam steps at the recipe's lr 6e-5 move B by ~4e-4; the processes' float rounding (batch-size
-        # dependent CPU kernels), amplified by Adam on near-zero gradients, stays ~0.1% of that (measured)
-        assert moved > 0 and worst < 1e-2 * moved, (worst, moved)
 
 
 def test_the_printed_overrides_name_only_keys_the_config_has(tmp_path):

@@ -216,7 +216,7 @@ def test_rollout_does_not_depend_on_batch_mates(model):
     alone, _ = rollout_pairs(model, model.encode_prompts([PROMPTS[1]]), model.encode_negative(), settings, scorer,
                              initial_latents(gens, SHAPE), gens, prompt_ids=torch.tensor([1]))
     mine = together.select(torch.nonzero(together.prompt_index == 1)[:, 0])
-    torch.testing.assert_close(alone.latents_win, mine.latents_win, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone.latents_win, mine.latents_win, atol=1e-4, rtol=1e-5)  # |x| up to ~50
     assert alone.prompt_index.tolist() == mine.prompt_index.tolist()
 
 

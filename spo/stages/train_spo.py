@@ -19,7 +19,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor
 
 from spo.atomic_write import atomic_dir, write_json
-from spo.config import Config, ConfigError, MissingPathError, flat_params
+from spo.config import Config, ConfigError, MissingPathError, TrainSPOConfig, flat_params
 from spo.data.model_locations import base_model_location
 from spo.data.prepared_layout import TRAIN_PROMPTS_FILE
 from spo.data.prompts import read_prompts
@@ -30,7 +30,7 @@ from spo.stages.stage_cli import stage_main
 from spo.tracking.tracker import Tracker
 from spo.training.checkpoints import CheckpointPolicy, fingerprint
 from spo.training.distributed import Processes, barrier, current_processes
-from spo.training.spo_trainer import SPORunOptions, frozen_copy_reference, num_rounds, train_spo
+from spo.training.spo_trainer import ReferenceFn, SPORunOptions, frozen_copy_reference, num_rounds, train_spo
 from spo.training.step_sampling import ScoreFn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,9 +72,8 @@ def summarise(history: list[dict[str, float]], seconds: float, rounds: int) -> d
             "peak_memory_gb": max(h["peak_memory_gb"] for h in history)}
 
 
-def prepare_unet(model: DiffusionModel, cfg: Config) -> tuple[list[torch.nn.Parameter], object]:
+def prepare_unet(model: DiffusionModel, spo_cfg: TrainSPOConfig) -> tuple[list[torch.nn.Parameter], ReferenceFn | None]:
     """The trainable parameters and the reference (None: the LoRA-disabled UNet), after the memory options."""
-    spo_cfg = cfg.train_spo
     if spo_cfg.attention == "eager":
         model.unet.set_attn_processor(AttnProcessor())
     if spo_cfg.gradient_checkpointing:
@@ -136,7 +135,7 @@ def run(cfg: Config, *, prepared_dir: Path, spm_dir: Path, out_dir: Path, tracke
         tracker.log_params({"train_spo.note": "SDXL without MSPO inner steps (train_spo.inner_steps = 0)"})
     spm = StepAwarePreferenceModel.from_pretrained(str(spm_dir / "model")).to(device).eval().requires_grad_(False)
     prompts = read_prompts(prepared_dir / TRAIN_PROMPTS_FILE, spo_cfg.max_prompts)
-    params, reference = prepare_unet(model, cfg)
+    params, reference = prepare_unet(model, spo_cfg)
     policy = checkpoint_policy(cfg, checkpoint_dir, prompts, spm_dir, location) if checkpoint_dir else None
     resume = resume_state(policy, resume_from)
     rounds = num_rounds(len(prompts), spo_cfg)

@@ -47,9 +47,9 @@ CPU_OVERRIDES = {
     "validate.min_rows": 10, "validate.max_bad_fraction": 0.2,
     "train_spm.max_steps": 4, "train_spm.batch_size": 4, "train_spm.warmup_steps": 2,
     "train_spm.mixed_precision": "fp32", "train_spm.checkpoint_every": 2,
-    # SPO: 2 rounds of 2 prompts, the recipe's sampling (20 steps, k, MSPO's inner steps) at toy size;
+    # SPO: 1 round of 2 prompts, the recipe's sampling (20 steps, k, MSPO's inner steps) at toy size;
     # threshold 0 because the random stand-in SPM's score gaps rarely clear the recipe's 0.3 / 0.4
-    "train_spo.max_prompts": 4, "train_spo.num_epochs": 1, "train_spo.prompts_per_round": 2,
+    "train_spo.max_prompts": 2, "train_spo.num_epochs": 1, "train_spo.prompts_per_round": 2,
     "train_spo.prompts_per_rollout": 2, "train_spo.pairs_per_step": 8, "train_spo.pairs_per_batch": 4,
     "train_spo.threshold": 0.0, "train_spo.mixed_precision": "fp32", "train_spo.checkpoint_every": 1,
     "torch_threads": 1,

@@ -88,6 +88,8 @@ def pair_log_probs(model: DiffusionModel, pairs: StepPairs, cond: PromptConditio
                    cfg: TrainSPOConfig, reference: ReferenceFn | None = None) -> PairLogProbs:
     """log p(x_win | x_t) and log p(x_lose | x_lose_t) under the policy and the reference (cond: N rows),
     in fp32 whatever the UNet's precision. Shared x_t: one UNet call each; MSPO: win and lose batched."""
+    if model.scheduler.num_inference_steps != cfg.num_inference_steps:  # t_prev = t - 1000 / steps
+        model.scheduler.set_timesteps(cfg.num_inference_steps)
     shared = pairs.latents_t_lose is None
     x_t = pairs.latents_t if shared else torch.cat([pairs.latents_t, pairs.latents_t_lose])
     t = pairs.timesteps if shared else pairs.timesteps.repeat(2)
