@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -75,20 +74,19 @@ def test_pipeline_load_lora_weights_reproduces_the_trained_outputs(trained, tiny
 
 
 @pytest.mark.slow  # three subprocesses
-def test_the_adapter_file_does_not_depend_on_the_hash_seed(tmp_path):
+def test_the_adapter_file_does_not_depend_on_the_hash_seed(tiny_sd_dir, tmp_path):
     """peft stores target_modules as a set; the saved file must be the same bytes in every process."""
     import subprocess
     import sys
 
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import torch, dataclasses;"
-            "from tiny_models import build_tiny_sd; from spo.config import load_profile;"
+    code = ("import sys; import torch; from spo.config import load_profile;"
             "from spo.models.diffusion_model import load_diffusion_model; from spo.models.lora import add_lora, save_lora;"
-            "from pathlib import Path; out = Path(sys.argv[1]);"
-            "m = load_diffusion_model(str(build_tiny_sd(out / 'sd')));"
-            "add_lora(m.unet, load_profile('digits').train_spo); save_lora(m.unet, out / 'lora')")
+            "from pathlib import Path; m = load_diffusion_model(sys.argv[1]); torch.manual_seed(0);"
+            "add_lora(m.unet, load_profile('digits').train_spo); save_lora(m.unet, Path(sys.argv[2]) / 'lora')")
     files = []
     for seed in ("1", "2", "3"):
         out = tmp_path / seed
-        subprocess.run([sys.executable, "-c", code, str(out)], check=True, env={**os.environ, "PYTHONHASHSEED": seed})
+        subprocess.run([sys.executable, "-c", code, str(tiny_sd_dir), str(out)], check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed})
         files.append((out / "lora" / LORA_WEIGHTS_FILE).read_bytes())
     assert files[0] == files[1] == files[2]

@@ -48,7 +48,7 @@ def test_memory_options_give_the_same_gradients(tiny_sd_dir, pairs, option):
         assert {type(p).__name__ for p in model.unet.attn_processors.values()} == {"AttnProcessor"}
     scale = max(g.abs().max().item() for g in plain)
     assert scale > 0 and max((a - b).abs().max().item() for a, b in zip(plain, grads)) < 1e-4 * scale
-    assert logs_opt["loss"] == pytest.approx(logs["loss"], rel=1e-6)
+    assert logs_opt["loss"] == pytest.approx(logs["loss"], rel=1e-5)  # kernels differ: ~2e-6 measured
 
 
 def test_full_finetune_trains_every_weight_against_a_frozen_copy(tiny_sd_dir, pairs):

@@ -1,16 +1,14 @@
-"""SPO training that stops and resumes, and that runs in two processes under `accelerate launch`: both
+"""SPO training that stops and resumes, and that runs in two processes: both
 must take the optimizer steps of one uninterrupted single-process run."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from test_spo_training import PromptAwareScorer
 from tiny_models import build_tiny_sd
 
@@ -23,7 +21,6 @@ from spo.training.distributed import Processes
 from spo.training.spo_trainer import SPORunOptions, pairs_per_process_step, share_out, train_spo
 from spo.training.step_sampling import StepPairs
 
-REPO = Path(__file__).resolve().parents[1]
 RUN_CFG = dataclasses.replace(load_profile("digits").train_spo, mixed_precision="fp32", num_epochs=1,
                               prompts_per_round=3, prompts_per_rollout=2, pairs_per_step=8, pairs_per_batch=2,
                               learning_rate=1e-3, num_inference_steps=10, branch_start_step=2, threshold=0.0)
@@ -50,6 +47,12 @@ def run(model_dir, options=None, score_for=scorer_for):
     return [p.detach().clone() for p in params], history
 
 
+def initial_params(model_dir):
+    model = load_diffusion_model(str(model_dir))
+    torch.manual_seed(0)
+    return [p.detach().clone() for p in add_lora(model.unet, RUN_CFG)]
+
+
 def assert_same_run(params_a, history_a, params_b, history_b, start):
     assert [h["step"] for h in history_a] == [h["step"] for h in history_b]
     assert [h["num_pairs"] for h in history_a] == [h["num_pairs"] for h in history_b]
@@ -66,7 +69,7 @@ class Interrupted(RuntimeError):
 def test_resume_equals_uninterrupted(tiny_sd_dir, tmp_path):
     torch.set_num_threads(1)
     straight_params, straight = run(tiny_sd_dir)
-    start, _ = run(tiny_sd_dir, SPORunOptions(), score_for=lambda p: (lambda im, i, t: torch.zeros(len(im))))
+    start = initial_params(tiny_sd_dir)
     assert len({h["round"] for h in straight}) == 3
 
     policy = CheckpointPolicy(tmp_path / "ck", every=1, fingerprint="run", keep=2, unit="round")
@@ -102,18 +105,30 @@ def test_share_out_deals_the_permutation_round_robin():
         pairs_per_process_step(dataclasses.replace(RUN_CFG, pairs_per_step=9), Processes(0, 2, torch.device("cpu")))
 
 
+def _train_in_process(rank: int, world: int, model_dir: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}.pg", rank=rank, world_size=world)
+    try:
+        model = load_diffusion_model(model_dir)
+        torch.manual_seed(0)
+        params = add_lora(model.unet, RUN_CFG)
+        history = train_spo(model, scorer_for, RUN_PROMPTS, params, RUN_CFG, resolution=16, seed=0,
+                            tracker=MemoryTracker(),
+                            options=SPORunOptions(processes=Processes(rank, world, torch.device("cpu"))))
+        if rank == 0:
+            torch.save({"params": [p.detach() for p in params], "history": history}, out)
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.slow
-def test_two_accelerate_processes_equal_one(tiny_sd_dir, tmp_path):
+def test_two_processes_equal_one(tiny_sd_dir, tmp_path):
+    """The library loop in 2 gloo processes (the stage under `accelerate launch` runs in
+    test_real_profiles_on_standins.py): the steps, pairs, losses and weights of 1 process."""
     out = tmp_path / "two.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
-    env.pop("WORLD_SIZE", None)
-    subprocess.run([str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-                    str(REPO / "configs/accelerate/one_node.yaml"), "--num_processes", "2",
-                    str(REPO / "tests/scripts/spo_data_parallel_run.py"), str(tiny_sd_dir), str(out)],
-                   check=True, env=env, cwd=tmp_path, capture_output=True)
+    mp.start_processes(_train_in_process, args=(2, str(tiny_sd_dir), str(out)), nprocs=2, start_method="spawn")
     two = torch.load(out, weights_only=True)
-    assert two["world_size"] == 2
     torch.set_num_threads(1)
     one_params, one = run(tiny_sd_dir)
-    start, _ = run(tiny_sd_dir, score_for=lambda p: (lambda im, i, t: torch.zeros(len(im))))
+    start = initial_params(tiny_sd_dir)
     assert_same_run(two["params"], two["history"], one_params, one, start)
