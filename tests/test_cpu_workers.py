@@ -1,5 +1,6 @@
 """Sampling in worker processes: the same images whatever the number of workers, and as in-process."""
 
+import pytest
 import torch
 from tiny_models import build_tiny_sd
 
@@ -10,6 +11,7 @@ from spo.models.diffusion_model import load_diffusion_model
 BATCHES = [(["a cat", "a dog", "a cat"], [0, 1, 2]), (["a bird"], [3]), (["a fish", "a dog"], [4, 5])]
 
 
+@pytest.mark.slow  # spawns worker processes (20 s)
 def test_images_do_not_depend_on_the_number_of_workers(tmp_path):
     spec = SamplerSpec(str(build_tiny_sd(tmp_path / "sd")), None, 16, 4, 5.0, 1.0)  # eta 1: batch-seeded noise
     one = sample_batches(spec, BATCHES, workers=1)

@@ -80,6 +80,7 @@ def test_mspo_loss_and_gradients_equal_the_naive_per_transition_computation(sdxl
     assert scale > 0 and worst < 1e-4 * scale
 
 
+@pytest.mark.slow  # a whole MSPO round
 def test_mspo_trains_a_round_on_the_sdxl_standin(sdxl):
     cfg = dataclasses.replace(SDXL_CFG, num_epochs=1, threshold=0.0, prompts_per_round=2, learning_rate=1e-3)
     params = add_lora(sdxl.unet, cfg)

@@ -53,6 +53,7 @@ def test_logging_goes_to_stderr_and_quiets_chatty_libraries(capsys):
     assert logging.getLogger("mlflow").level == logging.WARNING
 
 
+@pytest.mark.slow  # two fresh interpreters importing diffusers (17 s)
 @pytest.mark.parametrize("import_spo_first, noisy", [(True, False), (False, True)])
 def test_transformers_torchvision_notice_is_filtered(import_spo_first, noisy):
     """diffusers imports CLIPImageProcessor; without torchvision transformers 5 warns on every start."""

@@ -66,6 +66,7 @@ class Interrupted(RuntimeError):
     pass
 
 
+@pytest.mark.slow  # four short training runs (10 s)
 def test_resume_equals_uninterrupted(tiny_sd_dir, tmp_path):
     torch.set_num_threads(1)
     straight_params, straight = run(tiny_sd_dir)
