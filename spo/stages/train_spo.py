@@ -131,8 +131,6 @@ def run(cfg: Config, *, prepared_dir: Path, spm_dir: Path, out_dir: Path, tracke
     if model.architecture != cfg.model.architecture:
         raise ConfigError(f"model.architecture={cfg.model.architecture} but model.base_model {location} is an "
                           f"{model.architecture} pipeline")
-    if model.architecture == "sdxl" and spo_cfg.inner_steps == 0:
-        tracker.log_params({"train_spo.note": "SDXL without MSPO inner steps (train_spo.inner_steps = 0)"})
     spm = StepAwarePreferenceModel.from_pretrained(str(spm_dir / "model")).to(device).eval().requires_grad_(False)
     prompts = read_prompts(prepared_dir / TRAIN_PROMPTS_FILE, spo_cfg.max_prompts)
     params, reference = prepare_unet(model, spo_cfg)
