@@ -13,6 +13,7 @@ import pytest
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from test_dvc_pipeline import copy_repo, sh, stages_run
 
+from spo.cli import main as spo_main
 from spo.config import load_config
 from spo.data.prepared_layout import EVAL_SPLIT, PAIRS_DIR, TRAIN_SPLIT, split_shards
 from spo.data.quarantine import read_quarantine
@@ -32,14 +33,15 @@ def fresh_repo(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("profile", ["sd15", "sdxl"])
-def test_profile_runs_through_train_spo_on_the_standins(profile, tmp_path):
+def test_profile_runs_through_train_spo_on_the_standins(profile, tmp_path, capsys):
     repo, env = fresh_repo(tmp_path)
-    printed = sh([sys.executable, "-m", "spo.cli", "fixtures", "build", str(tmp_path / "standins"),
-                  "--profile", profile], repo, env)
+    # the `spo` command in this process (two fresh interpreters would only add their imports)
+    assert spo_main(["fixtures", "build", str(tmp_path / "standins"), "--profile", profile]) == 0
+    printed = capsys.readouterr().out
     command = next(line for line in printed.splitlines() if line.startswith(f"spo profile use {profile} "))
     use, repro = command.split(" && ")
     assert repro == "dvc repro train_spo"
-    sh([sys.executable, "-m", "spo.cli", *shlex.split(use)[1:]], repo, env)
+    assert spo_main([*shlex.split(use)[1:], "--params", str(repo / "params.yaml")]) == 0
     cfg = load_config(repo / "params.yaml")
     assert cfg.profile == profile and cfg.model.base_model == str(tmp_path / "standins" / profile)
 
