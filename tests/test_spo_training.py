@@ -269,7 +269,6 @@ def test_loss_and_gradients_equal_the_naive_four_calls(model):
     expected = naive_loss(model, pairs, cfg)
     expected.backward()
     assert logs["loss"] == pytest.approx(expected.item(), rel=1e-5)
-    assert 0 < logs["clip_fraction"] < 1 or logs["clip_fraction"] == 0  # a fraction
     worst = max((a - p.grad).abs().max().item() for a, p in zip(ours, params))
     scale = max(p.grad.abs().max().item() for p in params)
     assert scale > 0 and worst < 1e-4 * scale
