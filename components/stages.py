@@ -13,7 +13,7 @@ your own build (`install_kfp_package=False`, nothing installed at run time).
 import os
 
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 DEFAULT_IMAGE = "ghcr.io/spo-pipeline/spo:0.1.0-python"
 BASE_IMAGE = os.environ.get("SPO_COMPONENT_IMAGE", DEFAULT_IMAGE)
@@ -115,8 +115,11 @@ def train_spo(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], sp
 
 @spo_component
 def evaluate(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], spm: Input[Model],
-             spo: Input[Model], evaluation: Output[Artifact], metrics: Output[Metrics]):
-    """Base vs. SPO on fixed prompts and seeds: metrics, win rates, image grid (DESIGN 3.4)."""
+             spo: Input[Model], evaluation: Output[Artifact], metrics: Output[Metrics], report: Output[HTML],
+             summary: Output[Markdown]):
+    """Every evaluate.models entry on fixed prompts and seeds: scores, CIs, win rates, report (DESIGN 3.4).
+    The report and its Markdown summary are also KFP HTML/Markdown artifacts, shown in the run's UI."""
+    import shutil
     from pathlib import Path
 
     from spo.stages import evaluate as stage
@@ -124,9 +127,12 @@ def evaluate(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], spm
     from spo.tracking.mlflow_tracker import flat_metrics, stage_tracker
 
     cfg = component_config(params_yaml, parent_run_id)
+    out = Path(evaluation.path)
     with stage_tracker("evaluate", cfg) as tracker:
         result = stage.run(cfg, prepared_dir=Path(prepared.path), spm_dir=Path(spm.path), spo_dir=Path(spo.path),
-                           out_dir=Path(evaluation.path), tracker=tracker)
+                           out_dir=out, tracker=tracker, images_dir=out.with_name(out.name + "_images"))
+    shutil.copyfile(out / stage.REPORT_FILE, report.path)
+    shutil.copyfile(out / stage.SUMMARY_FILE, summary.path)
     for name, value in flat_metrics(result).items():
         metrics.log_metric(name, value)
 

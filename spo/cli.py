@@ -72,7 +72,13 @@ def _set_line(text: str, override: str) -> str:
             break  # the next section
         match = pattern.match(lines[i].rstrip("\n"))
         if match:
-            lines[i] = f"{indent}{path[-1]}: {value.strip()}  # was: {match.group(2).strip()}\n"
+            old = match.group(2).strip()
+            end = i + 1
+            if not old:  # a block value (a list of entries): its deeper-indented lines go with it
+                while end < len(lines) and (lines[end].startswith((indent + "  ", indent + "- "))):
+                    end += 1
+                old = "a block of %d lines" % (end - i - 1)
+            lines[i:end] = [f"{indent}{path[-1]}: {value.strip()}  # was: {old}\n"]
             return "".join(lines)
     raise ConfigError(f"override {override!r}: no key {key.strip()!r} in the profile")
 
@@ -155,7 +161,7 @@ def fixtures_main(argv: list[str]) -> int:
     for profile in profiles:
         sets = " ".join(f"-S {shlex.quote(item)}" for item in profile_overrides(standins, profile))
         print(f"\n# {profile} on the stand-ins (CPU, minutes):")
-        print(f"spo profile use {profile} {sets} && dvc repro train_spo")
+        print(f"spo profile use {profile} {sets} && dvc repro")
     return 0
 
 

@@ -18,7 +18,7 @@ import dataclasses
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_type_hints
+from typing import Annotated, Any, Literal, get_args, get_type_hints
 
 import yaml
 from pydantic import (
@@ -33,6 +33,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic.dataclasses import dataclass
 
@@ -204,9 +205,72 @@ class TrainSPOConfig:
         return value
 
 
+# Scores the evaluation can compute. The first five are the published scorers (spo/evaluation/scorers,
+# loaded from `model`/`file`/...); the rest exist on `digits` only: the world's own rater split into its
+# terms, and `spm_reward`, the step-aware preference model at t = 0 -- the reward SPO optimised, so a
+# check of training, not an independent judge.
+PUBLISHED_SCORERS = ("pickscore", "hpsv21", "imagereward", "aesthetic", "clip_score")
+DIGITS_SCORERS = ("oracle_aesthetic", "oracle_alignment", "oracle_utility", "spm_reward")
+ScorerName = Literal["pickscore", "hpsv21", "imagereward", "aesthetic", "clip_score",
+                     "oracle_aesthetic", "oracle_alignment", "oracle_utility", "spm_reward"]
+RunOutput = Literal["spo", "dpo"]
+
+
+@section
+class ScorerEntry:
+    """One score of the evaluation. The location keys name what a published scorer loads (hub id or local
+    dir, a file in it, a processor/tokenizer kept elsewhere, the open_clip architecture); list entries may
+    leave out the keys they do not use (the one place the loader has defaults: None)."""
+
+    name: ScorerName
+    model: Name | None = None
+    file: Name | None = None
+    processor: Name | None = None
+    tokenizer: Name | None = None
+    arch: Name | None = None
+
+    @model_validator(mode="after")
+    def _location_fits_the_name(self) -> "ScorerEntry":
+        if self.name in PUBLISHED_SCORERS and self.model is None:
+            raise ValueError(f"scorer {self.name} needs a model (hub id or local dir)")
+        given = [k for k in ("model", "file", "processor", "tokenizer", "arch") if getattr(self, k) is not None]
+        if self.name in DIGITS_SCORERS and given:
+            raise ValueError(f"scorer {self.name} is built into the digits world and loads nothing, got {given}")
+        return self
+
+
+@section
+class EvaluatedModel:
+    """One column of the comparison: a base pipeline (hub id or dir; None = this run's `model.base_model`,
+    or the digits base `prepare` builds), optionally with a LoRA (dir or hub id) or a full UNet (a UNet dir,
+    a pipeline dir/hub id whose unet/ is taken), or `run_output`: this run's trained model (spo: the
+    train_spo output, a LoRA or a full UNet). Keys left out are None."""
+
+    name: Annotated[StrictStr, Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")]
+    base: Name | None = None
+    lora: Name | None = None
+    unet: Name | None = None
+    run_output: RunOutput | None = None
+
+    @model_validator(mode="after")
+    def _one_change(self) -> "EvaluatedModel":
+        given = [k for k in ("lora", "unet", "run_output") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"model {self.name}: give one of lora, unet, run_output, not {given}")
+        return self
+
+
+def _distinct_names(entries: tuple, what: str) -> tuple:
+    names = [e.name for e in entries]
+    doubled = sorted({n for n in names if names.count(n) > 1})
+    if doubled:
+        raise ValueError(f"{what} names must be distinct, {doubled} repeats")
+    return entries
+
+
 @section
 class EvaluateConfig:
-    """DESIGN 3.4: fixed seeds shared by every model compared."""
+    """DESIGN 3.4: every model samples the same (prompt, seed) list; paired statistics over it."""
 
     num_prompts: PositiveInt
     seeds: Annotated[tuple[Count, ...], Field(min_length=1)]
@@ -215,12 +279,27 @@ class EvaluateConfig:
     eta: Fraction
     grid_prompts: Count
     confidence: OpenFraction
+    bootstrap_resamples: Annotated[StrictInt, Field(ge=100)]
+    batch_size: PositiveInt  # images per generation batch (per worker process on CPU)
+    score_batch_size: PositiveInt
+    # the first model is the baseline every other is compared with (win rates "<model>_vs_<first>")
+    models: Annotated[tuple[EvaluatedModel, ...], Field(min_length=2),
+                      AfterValidator(lambda v: _distinct_names(v, "evaluate.models"))]
+    scorers: Annotated[tuple[ScorerEntry, ...], Field(min_length=1),
+                       AfterValidator(lambda v: _distinct_names(v, "evaluate.scorers"))]
 
 
 @section
 class RegisterConfig:
+    """The registry gate: this run's model becomes version `alias` (candidate); alias `champion` moves to it
+    only if its paired win rate on `primary_metric` vs the current champion exceeds `promote_threshold` and
+    the CI's lower end exceeds 0.5. The first registered version becomes champion."""
+
     model_name: Name
     alias: Name
+    champion_alias: Name
+    primary_metric: ScorerName
+    promote_threshold: Annotated[StrictFloat, Field(ge=0.5, lt=1)]
 
 
 @section
@@ -265,7 +344,11 @@ def _shown(value: Any) -> str:
 def _did_you_mean(loc: tuple) -> str:
     cls = Config
     for part in loc[:-1]:
+        if isinstance(part, int):  # an entry of a list section: its element type
+            continue
         cls = get_type_hints(cls)[part]
+        if not dataclasses.is_dataclass(cls):  # tuple[Entry, ...]: the entry's fields
+            cls = next(a for a in get_args(cls) if dataclasses.is_dataclass(a))
     close = difflib.get_close_matches(str(loc[-1]), [f.name for f in dataclasses.fields(cls)], n=1)
     return f" (did you mean {_dotted((*loc[:-1], close[0]))}?)" if close else ""
 
@@ -289,6 +372,9 @@ def _problem(error: dict) -> str:
 def describe(error: ValidationError) -> str:
     """Every problem of a ValidationError on one line: unknown keys, missing keys, then bad values."""
     errors = error.errors(include_url=False)
+    # a list whose bad entry was dropped is then "too short": an echo of that entry's error, not news
+    errors = [e for e in errors if not (e["type"] == "too_short" and any(
+        o is not e and o["loc"][:len(e["loc"])] == e["loc"] and len(o["loc"]) > len(e["loc"]) for o in errors))]
     unknown = [f"unknown config key {_dotted(e['loc'])}{_did_you_mean(e['loc'])}" for e in errors
                if e["type"] == "unexpected_keyword_argument"]
     missing = [_dotted(e["loc"]) for e in errors if e["type"] == "missing"]
@@ -432,6 +518,10 @@ def flat_params(cfg: Any, prefix: str = "") -> dict[str, Any]:
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             out.update(flat_params(value, key + "."))
+        elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+            for entry in value:  # a list section (evaluate.models): one param per entry, keyed by its name
+                out[f"{key}.{entry.name}"] = ",".join(f"{k}={v}" for k, v in dataclasses.asdict(entry).items()
+                                                       if v is not None and k != "name") or "-"
         else:
             out[key] = list(value) if isinstance(value, tuple) else value
     return out

@@ -198,6 +198,14 @@ def test_dvc_repro_full_noop_and_experiment(repo_copy):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # one dvc repro = one parent run
     assert sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id) \
         == sorted(STAGES)
+    # the headline numbers sit on the pipeline run itself: two pipeline runs line up in the runs table
+    headline = parents[0].data.metrics
+    assert {"base.oracle_utility", "spo.oracle_utility", "win_rate.spo_vs_base.oracle_aesthetic"} <= set(headline)
+    evaluation = json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    assert headline["spo.oracle_utility"] == evaluation["models"]["spo"]["oracle_utility"]
+    assert "spo" in (repo / "reports/evaluate/report.html").read_text()
+    registration = json.loads((repo / "models/registered/registration.json").read_text())
+    assert registration["gate"]["reason"] == "first" and registration["champion_version"] == registration["version"]
 
     # locks and temp dirs beside the outputs are neither untracked files for git nor changes for DVC
     sh(["git", "add", "-A"], repo, env)
@@ -235,6 +243,8 @@ def test_dvc_repro_full_noop_and_experiment(repo_copy):
     assert parent.info.run_name == f"pipeline-{name}" and parent.data.params["train_spo.beta"] == "5.0"
     nested = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert sorted(nested) == ["evaluate", "register", "train_spo"]
+    gate = nested["register"].data.params["register.gate"]  # compared with the first run's champion
+    assert gate in ("better", "not_better"), gate
     assert nested["train_spo"].data.params["train_spo.beta"] == "5.0"
     assert nested["train_spo"].data.tags["spo.dvc_experiment"] == name
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))

@@ -1,10 +1,12 @@
-"""The real profiles (sd15, sdxl) run prepare -> validate -> train_spm -> train_spo under DVC, on stand-ins of the real
-architectures (`spo fixtures build`): exactly what a user does for a dry run, with the printed command."""
+"""The real profiles (sd15, sdxl) run the whole DVC pipeline -- prepare -> validate -> train_spm -> train_spo ->
+evaluate (the five published scorers) -> register -- on stand-ins of the real architectures (`spo fixtures build`):
+exactly what a user does for a dry run, with the printed command."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import shlex
 import sys
 
@@ -33,14 +35,14 @@ def fresh_repo(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("profile", ["sd15", "sdxl"])
-def test_profile_runs_through_train_spo_on_the_standins(profile, tmp_path, capsys):
+def test_profile_runs_the_whole_pipeline_on_the_standins(profile, tmp_path, capsys):
     repo, env = fresh_repo(tmp_path)
     # the `spo` command in this process (two fresh interpreters would only add their imports)
     assert spo_main(["fixtures", "build", str(tmp_path / "standins"), "--profile", profile]) == 0
     printed = capsys.readouterr().out
     command = next(line for line in printed.splitlines() if line.startswith(f"spo profile use {profile} "))
     use, repro = command.split(" && ")
-    assert repro == "dvc repro train_spo"
+    assert repro == "dvc repro"
     assert spo_main([*shlex.split(use)[1:], "--params", str(repo / "params.yaml")]) == 0
     cfg = load_config(repo / "params.yaml")
     assert cfg.profile == profile and cfg.model.base_model == str(tmp_path / "standins" / profile)
@@ -78,4 +80,18 @@ def test_profile_runs_through_train_spo_on_the_standins(profile, tmp_path, capsy
     pipe = pipe_class.from_pretrained(cfg.model.base_model)
     pipe.load_lora_weights(str(repo / "models/spo/lora"))  # what a user does with our output
     assert any("lora" in name for name, _ in pipe.unet.named_parameters())
-    assert stages_run(sh(["dvc", "repro", "train_spo"], repo, env)) == []
+
+    # evaluate with the published scorers' stand-ins (their real classes, key layouts and preprocessing),
+    # then register: the first version becomes champion
+    assert stages_run(sh(["dvc", "repro"], repo, env)) == ["evaluate", "register"]
+    evaluation = json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    scorers = ["pickscore", "hpsv21", "imagereward", "aesthetic", "clip_score"]
+    assert [s.name for s in cfg.evaluate.scorers] == scorers
+    for model in ("base", "spo"):
+        assert all(math.isfinite(evaluation["models"][model][k]) for k in scorers)
+    assert evaluation["num_samples"] == cfg.evaluate.num_prompts
+    assert 0 <= evaluation["win_rate"]["spo_vs_base"]["pickscore"] <= 1
+    assert 'data-model="spo"' in (repo / "reports/evaluate/report.html").read_text()
+    registration = json.loads((repo / "models/registered/registration.json").read_text())
+    assert registration["gate"]["reason"] == "first" and registration["version"] == "1"
+    assert stages_run(sh(["dvc", "repro"], repo, env)) == []

@@ -1,21 +1,39 @@
-"""Register a tiny real LoRA in a throwaway MLflow registry and load it back through the alias."""
+"""Register a tiny real LoRA in a throwaway MLflow registry: the diffusers flavour, and the champion gate."""
 
 import json
+import subprocess
+import sys
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
-import torch
 from mlflow import MlflowClient
-from safetensors.torch import load_file
 
 from spo.config import load_profile
 from spo.data.prepared_layout import BASE_MODEL_DIR
 from spo.stages import register
 from spo.tracking.mlflow_tracker import stage_tracker
 
-CFG = load_profile("digits", ["register.model_name=spo-test-lora", "register.alias=candidate",
-                              "tracking.experiment=spo-test"])
+NAME = "spo-test-lora"
+CFG = load_profile("digits", [f"register.model_name={NAME}", "tracking.experiment=spo-test",
+                              "evaluate.bootstrap_resamples=500"])
+PROMPTS = 30
+
+
+def write_eval(eval_dir, shift: float, fingerprint: str = "fp-a", seed: int = 0):
+    """An evaluation output whose `spo` rows score base + `shift` (+ noise) on oracle_utility."""
+    base = np.random.default_rng(0).normal(size=PROMPTS)  # the same base images every run
+    noise = 0.1 * np.random.default_rng(seed + 1).normal(size=PROMPTS)
+    rows = []
+    for model, values in (("base", base), ("spo", base + shift + noise)):
+        rows += [{"model": model, "prompt_index": i, "prompt": f"p{i}", "seed": 0, "oracle_utility": float(v),
+                  "oracle_aesthetic": 0.0} for i, v in enumerate(values)]
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(eval_dir / "scores.parquet", index=False)
+    (eval_dir / "protocol.json").write_text(json.dumps({"fingerprint": fingerprint}))
+    (eval_dir / "metrics.json").write_text(json.dumps({"models": {"spo": {"oracle_utility": shift}}, "note": "x"}))
+    return eval_dir
 
 
 @pytest.fixture
@@ -24,54 +42,104 @@ def stage_dirs(tmp_path, tiny_lora):
     prepared = tmp_path / "prepared"
     (prepared / "models").mkdir(parents=True)
     (prepared / BASE_MODEL_DIR).symlink_to(base, target_is_directory=True)
-    eval_dir = tmp_path / "evaluate"
-    eval_dir.mkdir()
-    (eval_dir / "metrics.json").write_text(json.dumps({"spo": {"aesthetic": 0.75, "alignment": 0.9},
-                                                       "win_rate": 0.6, "note": "text is skipped"}))
-    return prepared, lora_dir.parent, eval_dir
+    return prepared, lora_dir.parent
 
 
-def test_register_logs_aliases_and_loads_back(mlflow_db, tmp_path, stage_dirs, tiny_lora):
-    prepared, spo_dir, eval_dir = stage_dirs
-    with stage_tracker("register", CFG) as tracker:
-        summary = register.run(CFG, prepared_dir=prepared, spo_dir=spo_dir, eval_dir=eval_dir,
-                               out_dir=tmp_path / "registered", tracker=tracker)
-    info = json.loads((tmp_path / "registered" / "registration.json").read_text())
-    assert summary == {"registered_version": 1.0}
-    assert info["version"] == "1" and info["alias_uri"] == "models:/spo-test-lora@candidate"
-    assert info["eval_metrics"] == {"spo.aesthetic": 0.75, "spo.alignment": 0.9, "win_rate": 0.6}
+def register_once(tmp_path, stage_dirs, eval_dir, cfg=CFG):
+    prepared, spo_dir = stage_dirs
+    out = tmp_path / f"registered-{eval_dir.name}"
+    with stage_tracker("register", cfg) as tracker:
+        register.run(cfg, prepared_dir=prepared, spo_dir=spo_dir, eval_dir=eval_dir, out_dir=out, tracker=tracker)
+    return json.loads((out / "registration.json").read_text())
+
+
+LOAD_WITHOUT_SPO = """
+import sys
+sys.modules["spo"] = None  # the registered model must not need this package
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+pipe = model.get_raw_model()
+lora_b = sum(float(p.abs().sum()) for n, p in pipe.unet.named_parameters() if "lora_B" in n)
+pngs = model.predict(pd.DataFrame({"prompt": ["one", "two"]}), params={"num_inference_steps": 2})
+print(type(pipe).__name__, len(pngs), all(png[:4] == b"\\x89PNG" for png in pngs), lora_b > 0)
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter loads the registered model (~15 s)
+def test_register_logs_the_diffusers_flavour_which_loads_without_this_package(mlflow_db, tmp_path, stage_dirs):
+    info = register_once(tmp_path, stage_dirs, write_eval(tmp_path / "eval", shift=1.0))
+    assert info["version"] == "1" and info["alias_uri"] == f"models:/{NAME}@candidate"
+    assert info["gate"]["reason"] == "first" and info["champion_version"] == "1"
+    assert info["eval_metrics"] == {"models.spo.oracle_utility": 1.0}
 
     client = MlflowClient()
-    version = client.get_model_version_by_alias("spo-test-lora", "candidate")
-    assert str(version.version) == "1" and version.tags["metric.spo.aesthetic"] == "0.75"
-    assert version.tags["base_model"] == str(prepared / BASE_MODEL_DIR)
+    version = client.get_model_version_by_alias(NAME, "champion")
+    assert str(version.version) == str(client.get_model_version_by_alias(NAME, "candidate").version) == "1"
+    assert version.tags["base_model"] == str((stage_dirs[0] / BASE_MODEL_DIR).resolve())
+    assert version.tags["gate.reason"] == "first" and version.tags["eval.protocol_fingerprint"] == "fp-a"
+    model_info = mlflow.models.get_model_info(info["logged_model_uri"])
+    assert set(model_info.flavors) == {"diffusers", "python_function"}
+    assert model_info.flavors["python_function"]["loader_module"] == "mlflow.diffusers"  # nothing pickled
+    assert [p["name"] for p in model_info.signature.params.to_dict()][:2] == ["num_inference_steps", "guidance_scale"]
     run = client.get_run(info["run_id"])
-    assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == info["parent_run_id"]
-    assert client.get_run(info["parent_run_id"]).info.status == "FINISHED"  # register ends the pipeline run
+    assert run.data.tags["mlflow.parentRunId"] == info["parent_run_id"]
 
-    model = mlflow.pyfunc.load_model("models:/spo-test-lora@candidate")
-    pipe = model.unwrap_python_model().pipe
-    saved = load_file(str(spo_dir / "lora" / "pytorch_lora_weights.safetensors"))
-    loaded = {n: p for n, p in pipe.unet.named_parameters() if "lora_B" in n}
-    assert len(loaded) == len([k for k in saved if "lora_B" in k or "lora.up" in k]) > 0
-    a_saved = next(v for k, v in saved.items() if k.endswith("to_q.lora_B.weight") or k.endswith("to_q.lora.up.weight"))
-    assert any(torch.equal(p.data, a_saved) for p in loaded.values())  # the adapter itself, not a fresh one
+    out = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_SPO, f"models:/{NAME}@champion"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-4:] == ["StableDiffusionPipeline", "2", "True", "True"]
 
-    out = model.predict(pd.DataFrame({"prompt": ["one", "two"], "seed": [0, 0]}),
-                        params={"num_inference_steps": 2})
-    assert list(out["prompt"]) == ["one", "two"] and all(png[:4] == b"\x89PNG" for png in out["image_png"])
+
+def test_gate_moves_champion_only_for_a_better_candidate(mlflow_db, tmp_path, stage_dirs):
+    first = register_once(tmp_path, stage_dirs, write_eval(tmp_path / "e1", shift=0.0))
+    assert first["gate"]["reason"] == "first" and first["champion_version"] == "1"
+
+    # v2 scores below v1's candidate on every prompt: it stays a candidate
+    worse = register_once(tmp_path, stage_dirs, write_eval(tmp_path / "e2", shift=-0.5))
+    assert worse["gate"]["reason"] == "not_better" and worse["gate"]["win_rate"] < 0.5
+    assert worse["champion_version"] == "1"
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(NAME, "candidate").version) == "2"
+
+    # v3 beats the champion (v1) on every prompt: the CI clears 0.5, the alias moves
+    better = register_once(tmp_path, stage_dirs, write_eval(tmp_path / "e3", shift=0.5))
+    assert better["gate"]["reason"] == "better" and better["gate"]["champion_version"] == "1"
+    assert better["gate"]["win_rate"] == 1.0 and better["gate"]["ci_low"] > 0.5
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "3"
+    tags = client.get_model_version(NAME, "3").tags
+    assert tags["gate.reason"] == "better" and float(tags["gate.win_rate"]) == 1.0
+
+    # scored under another protocol: not comparable, the champion stays
+    other = register_once(tmp_path, stage_dirs, write_eval(tmp_path / "e4", shift=5.0, fingerprint="fp-b"))
+    assert other["gate"]["reason"] == "protocol_differs" and other["champion_version"] == "3"
+
+
+def test_gate_needs_the_ci_above_half_not_only_the_rate(mlflow_db, tmp_path, stage_dirs):
+    register_once(tmp_path, stage_dirs, write_eval(tmp_path / "e1", shift=0.0))
+    # a tiny improvement drowned in noise: the rate may exceed 0.5, the CI's lower end does not
+    noisy = register_once(tmp_path, stage_dirs, write_eval(tmp_path / "e2", shift=0.02, seed=1))
+    assert noisy["gate"]["win_rate"] > 0.5 > noisy["gate"]["ci_low"] and noisy["gate"]["reason"] == "not_better"
 
 
 def test_missing_lora_names_the_file(mlflow_db, tmp_path, stage_dirs):
-    prepared, _, eval_dir = stage_dirs
+    prepared, _ = stage_dirs
     with pytest.raises(FileNotFoundError, match="pytorch_lora_weights.safetensors"):
-        register.run(CFG, prepared_dir=prepared, spo_dir=tmp_path / "nowhere", eval_dir=eval_dir,
+        register.run(CFG, prepared_dir=prepared, spo_dir=tmp_path / "nowhere", eval_dir=write_eval(tmp_path / "e", 0),
                      out_dir=tmp_path / "registered", tracker=None)
     assert not (tmp_path / "registered").exists()
 
 
 def test_missing_eval_metrics_names_the_file(mlflow_db, tmp_path, stage_dirs):
-    prepared, spo_dir, _ = stage_dirs
+    prepared, spo_dir = stage_dirs
     with pytest.raises(FileNotFoundError, match="metrics.json"):
         register.run(CFG, prepared_dir=prepared, spo_dir=spo_dir, eval_dir=tmp_path / "no-eval",
+                     out_dir=tmp_path / "registered", tracker=None)
+
+
+def test_primary_metric_must_be_evaluated(mlflow_db, tmp_path, stage_dirs):
+    prepared, spo_dir = stage_dirs
+    cfg = load_profile("digits", ["register.primary_metric=spm_reward"])
+    with pytest.raises(ValueError, match="register.primary_metric: spm_reward is not among"):
+        register.run(cfg, prepared_dir=prepared, spo_dir=spo_dir, eval_dir=write_eval(tmp_path / "e", 0),
                      out_dir=tmp_path / "registered", tracker=None)

@@ -37,6 +37,8 @@ class SamplerSpec:
     eta: float
     vae_dir: str | None = None  # a replacement VAE (model.vae)
     device: str = "cpu"
+    unet_dir: str | None = None  # a full UNet that replaces the base's (a fine-tuned one)
+    dtype: str = "float32"  # torch dtype name of the frozen nets
 
 
 MAX_WORKERS = 4  # each worker holds torch + diffusers (~1 GB): more would not pay on a laptop
@@ -66,7 +68,12 @@ _loaded: dict[SamplerSpec, DiffusionModel] = {}  # per process: each model loads
 
 def _model(spec: SamplerSpec) -> DiffusionModel:
     if spec not in _loaded:
-        model = load_diffusion_model(spec.model_dir, vae=spec.vae_dir, device=spec.device)
+        dtype = getattr(torch, spec.dtype)
+        model = load_diffusion_model(spec.model_dir, vae=spec.vae_dir, dtype=dtype, device=spec.device)
+        if spec.unet_dir is not None:
+            from spo.models.lora import load_full_unet
+
+            model.unet = load_full_unet(Path(spec.unet_dir), dtype=dtype).to(spec.device)
         if spec.lora_dir is not None:
             from spo.models.lora import load_lora
 
@@ -82,21 +89,30 @@ def _sample(job: tuple[SamplerSpec, Batch]) -> torch.Tensor:
                          eta=spec.eta).cpu()
 
 
-def sample_jobs(jobs: Sequence[tuple[SamplerSpec, Batch]], workers: int, progress_bar=None) -> list[torch.Tensor]:
-    """Images in [-1, 1] for each (model, batch) job, in order. `workers` >= 1: that many worker processes
-    on one thread each (the same images for any count; several models share one pool); 0: this process
-    (a GPU, or torch's own threads)."""
-    def tick(images: torch.Tensor) -> torch.Tensor:
-        if progress_bar is not None:
-            progress_bar.update(1)
-        return images
-
+def iter_sample_jobs(jobs: Sequence[tuple[SamplerSpec, Batch]], workers: int) -> Iterator[torch.Tensor]:
+    """Images in [-1, 1] for each (model, batch) job, yielded in order as each is done (so a caller can
+    write them as they come). `workers` >= 1: that many worker processes on one thread each (the same
+    images for any count; several models share one pool); 0: this process (a GPU, or torch's threads)."""
     if workers == 0:
-        return [tick(_sample(job)) for job in jobs]
+        for job in jobs:
+            yield _sample(job)
+        return
+    if not jobs:
+        return
     ctx = multiprocessing.get_context("spawn")  # fork after torch started its thread pool can deadlock
     with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), mp_context=ctx,
                              initializer=_one_thread) as pool:
-        return [tick(images) for images in pool.map(_sample, jobs)]
+        yield from pool.map(_sample, jobs)
+
+
+def sample_jobs(jobs: Sequence[tuple[SamplerSpec, Batch]], workers: int, progress_bar=None) -> list[torch.Tensor]:
+    """`iter_sample_jobs` collected into a list (a progress bar ticks once per job)."""
+    out = []
+    for images in iter_sample_jobs(jobs, workers):
+        out.append(images)
+        if progress_bar is not None:
+            progress_bar.update(1)
+    return out
 
 
 def sample_batches(spec: SamplerSpec, batches: Sequence[Batch], workers: int, progress_bar=None) -> list[torch.Tensor]:

@@ -1,87 +1,73 @@
-"""Paired comparison of models on one (prompt, seed) list: generate, score, summarise, grid, samples.csv."""
+"""Paired comparison of models on one (prompt, seed) list: generate what is missing, score, tabulate.
+
+Every model samples the same samples with deterministic DDIM and per-sample seeds, so an image depends
+only on (model, prompt, seed) -- not on its batch-mates, the batch size or a restart -- and every
+comparison is paired.
+"""
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
+from collections.abc import Sequence
 
+import pandas as pd
 import torch
-from diffusers.utils import make_image_grid, pt_to_pil
-from PIL import Image, ImageDraw
 
-from spo.diffusion.cpu_workers import SamplerSpec, sample_jobs
-from spo.evaluation.paired_comparison import paired_win_rate
-from spo.models.step_aware_preference_model import StepAwarePreferenceModel
+from spo.diffusion.cpu_workers import iter_sample_jobs
+from spo.evaluation.evaluated_models import ResolvedModel
+from spo.evaluation.image_store import ImageStore, Sample, to_pil
+from spo.evaluation.scorers import Scorer
 from spo.tracking.progress import progress
 
-MODELS = ("base", "spo")
-BATCH = 64
+TABLE_COLUMNS = ("model", "prompt_index", "prompt", "seed")
 
 
-def generate(specs: dict[str, SamplerSpec], prompts: list[str], seeds: list[int], *,
-             workers: int) -> dict[str, torch.Tensor]:
-    """Images in [-1, 1] of every model for each (prompt, seed); one worker pool serves all models.
-    Per-sample seeds: an image does not depend on its batch-mates (η = 0)."""
-    batches = [(prompts[i:i + BATCH], seeds[i:i + BATCH]) for i in range(0, len(prompts), BATCH)]
-    jobs = [(spec, batch) for spec in specs.values() for batch in batches]
-    with progress(total=len(jobs), desc=f"evaluate: sampling {', '.join(specs)}", unit="batch") as bar:
-        images = sample_jobs(jobs, workers, bar)
-    return {name: torch.cat(images[i * len(batches):(i + 1) * len(batches)]) for i, name in enumerate(specs)}
+def model_store(images_dir, model: ResolvedModel) -> ImageStore:
+    return ImageStore(images_dir, f"{model.name}-{model.fingerprint}")
+
+
+def generate_missing(models: Sequence[ResolvedModel], samples: Sequence[Sample], images_dir, *,
+                     batch_size: int, workers: int) -> dict[str, int]:
+    """Sample every (model, sample) image not yet on disk, writing each batch as it is done; returns how
+    many images each model had to make (0 after a complete earlier run)."""
+    jobs, targets = [], []
+    made: dict[str, int] = {}
+    for model in models:
+        store = model_store(images_dir, model)
+        todo = store.missing(samples)
+        made[model.name] = len(todo)
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i:i + batch_size]
+            jobs.append((model.spec, ([s.prompt for s in batch], [s.seed for s in batch])))
+            targets.append((store, batch))
+    total = sum(made.values())
+    desc = f"evaluate: sampling {', '.join(m.name for m in models)}"
+    with progress(total=total, desc=desc, unit="img") as bar:
+        for (store, batch), images in zip(targets, iter_sample_jobs(jobs, workers)):
+            store.save(batch, to_pil(images))
+            bar.update(len(batch))
+    return made
 
 
 @torch.no_grad()
-def score_images(images: torch.Tensor, prompts: list[str], spm: StepAwarePreferenceModel,
-                 oracle: object | None) -> dict[str, torch.Tensor]:
-    """Per-sample scores, (N,) each: preference_score, and on digits the oracle's terms."""
-    device = next(spm.parameters()).device
-    scores = []
-    for i in range(0, len(prompts), BATCH):
-        batch = images[i:i + BATCH].to(device)
-        text = spm.encode_text(prompts[i:i + BATCH])
-        scores.append(spm.score(batch, text, torch.zeros(len(batch), dtype=torch.long, device=device)).cpu())
-    out = {"preference_score": torch.cat(scores).float()}
-    if oracle is not None:
-        from spo.digits.captions import caption_digit
-
-        digits = [caption_digit(p) for p in prompts]
-        out["aesthetic"] = oracle.aesthetic(images).float()
-        out["alignment"] = oracle.alignment(images, digits).float()
-        out["oracle_utility"] = oracle.utility(images, digits).float()
-    return out
-
-
-def image_grid(columns: dict[str, torch.Tensor], captions: list[str], cell: int = 96) -> Image.Image:
-    """One row per (prompt, seed), one column per model; images in [-1, 1]. The tiles come from
-    `make_image_grid`, pasted beside the captions and under the model names."""
-    label_w, head = 220, 20
-    per_model = [pt_to_pil(images[:len(captions)]) for images in columns.values()]
-    tiles = make_image_grid([tile for row in zip(*per_model) for tile in row], rows=len(captions), cols=len(columns))
-    grid = Image.new("RGB", (label_w + cell * len(columns), head + cell * len(captions)), "white")
-    grid.paste(tiles.resize((cell * len(columns), cell * len(captions)), Image.NEAREST), (label_w, head))
-    draw = ImageDraw.Draw(grid)
-    for c, name in enumerate(columns):
-        draw.text((label_w + c * cell + 4, 4), name, fill="black")
-    for r, caption in enumerate(captions):
-        draw.text((4, head + r * cell + cell // 2 - 6), caption[:34], fill="black")
-    return grid
-
-
-def summarise(scores: dict[str, dict[str, torch.Tensor]], confidence: float) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {m: {k: float(v.mean()) for k, v in scores[m].items()} for m in MODELS}
-    out["win_rate"] = {}
-    for metric in scores["base"]:
-        wr = paired_win_rate(scores["spo"][metric], scores["base"][metric], confidence)
-        out["win_rate"].update({metric: wr.rate, f"{metric}_ci_low": wr.low, f"{metric}_ci_high": wr.high})
-        out.setdefault("delta", {})[metric] = out["spo"][metric] - out["base"][metric]
-    out["win_rate"]["num_samples"] = float(len(next(iter(scores["base"].values()))))
-    return out
-
-
-def write_samples(path: Path, prompts: list[str], seeds: list[int], scores: dict[str, dict[str, torch.Tensor]]) -> None:
-    metrics = list(scores["base"])
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["model", "prompt", "seed", *metrics])
-        for model in MODELS:
-            for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-                writer.writerow([model, prompt, seed, *(f"{scores[model][m][i].item():.6f}" for m in metrics)])
+def score_models(models: Sequence[ResolvedModel], samples: Sequence[Sample], images_dir,
+                 scorers: Sequence[Scorer], *, batch_size: int) -> pd.DataFrame:
+    """The per-sample score table: one row per (model, sample), one column per scorer."""
+    prompts = [s.prompt for s in samples]
+    frames = []
+    batches = -(-len(samples) // batch_size)
+    with progress(total=len(models) * batches, desc=f"evaluate: scoring ({len(scorers)} scorers)",
+                  unit="batch") as bar:
+        for model in models:
+            store = model_store(images_dir, model)
+            frame = pd.DataFrame({"model": model.name, "prompt_index": [s.prompt_index for s in samples],
+                                  "prompt": prompts, "seed": [s.seed for s in samples]})
+            columns: dict[str, list[float]] = {scorer.name: [] for scorer in scorers}
+            for i in range(0, len(samples), batch_size):  # images are read in batches: 500 SDXL PNGs are ~2 GB
+                images = store.load(samples[i:i + batch_size])
+                for scorer in scorers:
+                    columns[scorer.name].extend(scorer.score(prompts[i:i + batch_size], images).tolist())
+                bar.update(1)
+            for scorer in scorers:
+                frame[scorer.name] = columns[scorer.name]
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True)

@@ -5,6 +5,7 @@
     DIR/sdxl_vae_fp16_fix/    AutoencoderKL (madebyollin/sdxl-vae-fp16-fix shape)
     DIR/pickscore/            CLIPModel + CLIPProcessor (PickScore_v1 + laion ViT-H processor shape)
     DIR/pickapic/data/*.parquet   Pick-a-Pic v1 mirror (hub layout, every column)
+    DIR/scorers/<name>/       PickScore, HPSv2.1, ImageReward, aesthetic, CLIP score (published layouts)
     DIR/standins.json         manifest: which profiles, where each part is, library versions
 
 Each part is written to a temporary sibling and renamed into place, so an interrupted build leaves either
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import diffusers
@@ -29,16 +30,43 @@ from spo.standins.models import (
     build_sdxl_fp16_fix_vae,
 )
 from spo.standins.pickapic_mirror import build_pickapic_mirror
+from spo.standins.scorers import build_scorer_standins
 from spo.tracking.progress import no_library_bars
 
 PROFILES = ("sd15", "sdxl")
 MANIFEST = "standins.json"
 PARTS = {"sd15": "sd15", "sdxl": "sdxl", "sdxl_vae": "sdxl_vae_fp16_fix", "pickscore": "pickscore",
-         "pickapic": "pickapic"}
-NEEDS = {"sd15": ("sd15", "pickscore", "pickapic"), "sdxl": ("sdxl", "sdxl_vae", "pickscore", "pickapic")}
+         "pickapic": "pickapic", "scorers": "scorers"}
+NEEDS = {"sd15": ("sd15", "pickscore", "pickapic", "scorers"),
+         "sdxl": ("sdxl", "sdxl_vae", "pickscore", "pickapic", "scorers")}
+SCORER_SOURCES = "sources.json"  # in DIR/scorers: each scorer's ScorerSource, paths relative to that dir
+
+
+def build_scorers(out_dir: Path, seed: int = 0) -> Path:
+    """Every scorer's stand-in, and a sources.json that says where each part of each one is."""
+    sources = build_scorer_standins(out_dir, seed=seed)
+    relative = {name: {k: (str(Path(v).relative_to(out_dir)) if v and Path(v).is_relative_to(out_dir) else v)
+                       for k, v in asdict(source).items() if v is not None} for name, source in sources.items()}
+    write_json(Path(out_dir) / SCORER_SOURCES, relative)
+    return Path(out_dir)
+
+
+def scorer_entries(scorers_dir: Path) -> list[dict[str, str]]:
+    """`evaluate.scorers` entries pointing at the stand-ins in scorers_dir (absolute paths)."""
+    relative = json.loads((Path(scorers_dir) / SCORER_SOURCES).read_text())
+    return [{"name": name, **{k: (str(Path(scorers_dir) / v) if (Path(scorers_dir) / v).exists() else v)
+                              for k, v in parts.items()}} for name, parts in sorted(relative.items(), key=_published_order)]
+
+
+def _published_order(item: tuple[str, object]) -> int:
+    from spo.config import PUBLISHED_SCORERS
+
+    return PUBLISHED_SCORERS.index(item[0]) if item[0] in PUBLISHED_SCORERS else len(PUBLISHED_SCORERS)
+
+
 BUILDERS: dict[str, Callable[..., Path]] = {"sd15": build_sd15, "sdxl": build_sdxl,
                                             "sdxl_vae": build_sdxl_fp16_fix_vae, "pickscore": build_pickscore,
-                                            "pickapic": build_pickapic_mirror}
+                                            "pickapic": build_pickapic_mirror, "scorers": build_scorers}
 # Sizes that make a real profile's stages finish in minutes on a CPU with the stand-ins (values as YAML/Hydra
 # reads them: plain numbers and words).
 CPU_OVERRIDES = {
@@ -52,6 +80,9 @@ CPU_OVERRIDES = {
     "train_spo.max_prompts": 2, "train_spo.num_epochs": 1, "train_spo.prompts_per_round": 2,
     "train_spo.prompts_per_rollout": 2, "train_spo.pairs_per_step": 8, "train_spo.pairs_per_batch": 4,
     "train_spo.threshold": 0.0, "train_spo.mixed_precision": "fp32", "train_spo.checkpoint_every": 1,
+    # evaluate: the protocol (DDIM 20, CFG 5) on 2 prompts; fewer bootstrap resamples
+    "evaluate.num_prompts": 2, "evaluate.batch_size": 2, "evaluate.score_batch_size": 4, "evaluate.grid_prompts": 2,
+    "evaluate.bootstrap_resamples": 200,
     "torch_threads": 1,
 }
 
@@ -65,6 +96,7 @@ class StandIns:
     sdxl_vae: Path | None
     pickscore: Path | None
     pickapic: Path | None
+    scorers: Path | None = None  # absent from manifests written before the scorers existed
 
     def profiles(self) -> tuple[str, ...]:
         """The profiles these stand-ins can run."""
@@ -137,4 +169,7 @@ def profile_overrides(standins: StandIns, profile: str) -> list[str]:
         "model.preference_processor": standins.pickscore,
         "prepare.data_dir": standins.pickapic,
     }
-    return [f"{key}={_value(value)}" for key, value in {**models, **CPU_OVERRIDES}.items()]
+    overrides = [f"{key}={_value(value)}" for key, value in {**models, **CPU_OVERRIDES}.items()]
+    entries = ", ".join("{" + ", ".join(f"{k}: {_value(Path(v)) if Path(v).exists() else v}" for k, v in e.items())
+                        + "}" for e in scorer_entries(standins.scorers))
+    return [*overrides, f"evaluate.scorers=[{entries}]"]

@@ -132,10 +132,11 @@ def flat_metrics(result: Mapping[str, Any], prefix: str = "") -> dict[str, float
 class MLflowTracker:
     """Tracker writing to one MLflow run through the client (no global active-run state needed)."""
 
-    def __init__(self, client: MlflowClient, run_id: str, experiment_id: str) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, experiment_id: str, pipeline_run_id: str | None = None) -> None:
         self.client = client
         self.run_id = run_id
         self.experiment_id = experiment_id
+        self.pipeline_run_id = pipeline_run_id  # the parent run of a stage run; None: this run is the top
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         clean = redact(params)
@@ -145,6 +146,11 @@ class MLflowTracker:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_pipeline_metrics(self, metrics: Mapping[str, float]) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, 0) for k, v in metrics.items() if math.isfinite(float(v))]
+        self.client.log_batch(self.pipeline_run_id or self.run_id, metrics=batch)
 
     def log_image(self, image: Image.Image, artifact_file: str) -> None:
         self.client.log_image(self.run_id, image, artifact_file=artifact_file)
@@ -164,7 +170,7 @@ class MLflowTracker:
         """A run nested under this one (e.g. one per model an evaluation compares)."""
         tags = {"mlflow.parentRunId": self.run_id, PROCESS_TAG: process_key(os.getpid())}
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
-        child = MLflowTracker(self.client, run.info.run_id, self.experiment_id)
+        child = MLflowTracker(self.client, run.info.run_id, self.experiment_id, self.pipeline_run_id)
         with _ended(self.client, child.run_id):
             yield child
 
@@ -379,7 +385,7 @@ def stage_tracker(stage: str, cfg: Config) -> Iterator[MLflowTracker]:
         run_id = client.create_run(experiment_id, tags=redact(tags), run_name=stage).info.run_id
         status = run_status(None)
         try:
-            tracker = MLflowTracker(client, run_id, experiment_id)
+            tracker = MLflowTracker(client, run_id, experiment_id, pipeline_run_id=parent_id)
             section = getattr(cfg, stage, None)
             if section is not None:
                 tracker.log_params(flat_params(section, f"{stage}."))

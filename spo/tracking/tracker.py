@@ -19,6 +19,11 @@ class Tracker(Protocol):
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
 
+    def log_pipeline_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Metrics for the whole pipeline run (MLflow: the parent run), so the runs table shows the
+        headline numbers of two pipeline runs side by side without opening nested runs."""
+        ...
+
     def log_image(self, image: Image.Image, artifact_file: str) -> None: ...
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None: ...
@@ -37,6 +42,7 @@ class MemoryTracker:
         self.images: dict[str, Image.Image] = {}
         self.artifacts: list[tuple[str, str | None]] = []
         self.children: dict[str, MemoryTracker] = {}
+        self.pipeline_metrics: dict[str, float] = {}
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         self.params.update(params)
@@ -44,6 +50,9 @@ class MemoryTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         for name, value in metrics.items():
             self.metrics.setdefault(name, []).append((step, float(value)))
+
+    def log_pipeline_metrics(self, metrics: Mapping[str, float]) -> None:
+        self.pipeline_metrics.update({k: float(v) for k, v in metrics.items()})
 
     def log_image(self, image: Image.Image, artifact_file: str) -> None:
         self.images[artifact_file] = image
