@@ -14,10 +14,8 @@ BATCHES = [(["a cat", "a dog", "a cat"], [0, 1, 2]), (["a bird"], [3]), (["a fis
 @pytest.mark.slow  # spawns worker processes (20 s)
 def test_images_do_not_depend_on_the_number_of_workers(tmp_path):
     spec = SamplerSpec(str(build_tiny_sd(tmp_path / "sd")), None, 16, 4, 5.0, 1.0)  # eta 1: batch-seeded noise
-    one = sample_batches(spec, BATCHES, workers=1)
     two = sample_batches(spec, BATCHES, workers=2)
-    assert [im.shape for im in one] == [(3, 3, 16, 16), (1, 3, 16, 16), (2, 3, 16, 16)]
-    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    assert [im.shape for im in two] == [(3, 3, 16, 16), (1, 3, 16, 16), (2, 3, 16, 16)]
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what a worker runs on
@@ -28,5 +26,7 @@ def test_images_do_not_depend_on_the_number_of_workers(tmp_path):
         in_process = sample_batches(spec, BATCHES, workers=0)
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(one, here))
-    assert all(torch.equal(a, b) for a, b in zip(one, in_process))
+    # 2 worker processes = this process (a worker's one thread) = plain sampling: one interpreter fewer than
+    # comparing 1 worker with 2, and the same claim (workers and this process compute whole batches alike)
+    assert all(torch.equal(a, b) for a, b in zip(two, here))
+    assert all(torch.equal(a, b) for a, b in zip(two, in_process))

@@ -174,6 +174,8 @@ def test_run_local_whole_dag_on_tiny_digits(tmp_path, mlflow_db, monkeypatch):
     assert set(stages) == set(STAGES) and {r.info.status for r in stages.values()} == {"FINISHED"}
     registered = list((tmp_path / "kfp").rglob("registration.json"))
     assert len(registered) == 1
+    reports = list((tmp_path / "kfp").rglob("report"))  # the evaluate task's HTML output artifact
+    assert len(reports) == 1 and 'data-model="spo"' in reports[0].read_text()
     assert json.loads(registered[0].read_text())["parent_run_id"] == parents[0].info.run_id
 
 
@@ -182,3 +184,10 @@ def test_components_import_without_the_pipeline_module():
     for stage in ("validate", "register"):
         module = importlib.import_module(f"spo.stages.{stage}")
         assert "kfp" not in Path(module.__file__).read_text()
+
+
+def test_evaluate_shows_its_report_in_the_kfp_ui(compiled):
+    """The report and its summary are HTML / Markdown output artifacts: KFP's UI renders those types."""
+    outputs = compiled["components"]["comp-evaluate"]["outputDefinitions"]["artifacts"]
+    assert outputs["report"]["artifactType"]["schemaTitle"] == "system.HTML"
+    assert outputs["summary"]["artifactType"]["schemaTitle"] == "system.Markdown"

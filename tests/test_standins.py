@@ -68,8 +68,9 @@ def _tree_bytes(path: Path) -> int:
 def test_build_writes_every_part_small_and_a_manifest(standins):
     root = standins.sd15.parent
     assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == \
-        ["pickapic", "pickscore", "sd15", "sdxl", "sdxl_vae_fp16_fix", MANIFEST]
-    for part in (standins.sd15, standins.sdxl, standins.sdxl_vae, standins.pickscore, standins.pickapic):
+        ["pickapic", "pickscore", "scorers", "sd15", "sdxl", "sdxl_vae_fp16_fix", MANIFEST]
+    for part in (standins.sd15, standins.sdxl, standins.sdxl_vae, standins.pickscore, standins.pickapic,
+                 standins.scorers):
         assert _tree_bytes(part) < 10 * 2**20, part
     assert not list(root.glob(".*.tmp-*")), "no temporary dirs left behind"
     assert read_standins(root) == standins
@@ -336,12 +337,12 @@ def test_fixtures_cli_builds_and_prints_the_commands(tmp_path, capsys):
     assert main(["fixtures", "build", str(tmp_path / "fx"), "--profile", "sd15"]) == 0
     out = capsys.readouterr().out
     manifest = json.loads((tmp_path / "fx" / MANIFEST).read_text())
-    assert manifest["profiles"] == ["sd15"] and set(manifest["parts"]) == {"sd15", "pickscore", "pickapic"}
+    assert manifest["profiles"] == ["sd15"] and set(manifest["parts"]) == {"sd15", "pickscore", "pickapic", "scorers"}
     command = next(line for line in out.splitlines() if line.startswith("spo profile use sd15 -S "))
-    assert command.endswith(" && dvc repro train_spo") and "sdxl" not in out
+    assert command.endswith(" && dvc repro") and "sdxl" not in out
     # the printed `spo profile use ... -S ...` writes a params.yaml that is the profile with the overrides
     params = tmp_path / "params.yaml"
-    args = shlex.split(command.removesuffix(" && dvc repro train_spo"))[1:]
+    args = shlex.split(command.removesuffix(" && dvc repro"))[1:]
     assert main([*args, "--params", str(params)]) == 0
     overrides = [a for prev, a in zip(args, args[1:]) if prev == "-S"]
     assert load_config(params) == load_profile("sd15", overrides)

@@ -50,7 +50,8 @@ def sample_pair_images(model_dir: Path, captions: list[str], seeds: list[tuple[i
     batches = [(captions[i:i + settings.batch_pairs] * 2,
                 [s[0] for s in seeds[i:i + settings.batch_pairs]] + [s[1] for s in seeds[i:i + settings.batch_pairs]])
                for i in starts]
-    with progress(total=len(batches), desc=f"prepare: sampling pairs ({workers} workers)", unit="batch") as bar:
+    where = f"{workers} workers" if workers else "in this process"
+    with progress(total=len(batches), desc=f"prepare: sampling pairs ({where})", unit="batch") as bar:
         chunks = sample_batches(spec, batches, workers, bar)
     jpg_0: list[bytes] = []
     jpg_1: list[bytes] = []

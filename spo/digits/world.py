@@ -86,7 +86,7 @@ def build_digits_world(cfg: Config, out: Path, tracker: Tracker, timer: PhaseTim
     with timer.phase("pairs"):
         frame, pair_metrics = generate_pairs(out / inputs.BASE_MODEL_DIR, oracle, train_captions(),
                                              num_pairs=p.num_pairs, resolution=p.image_size, seed=cfg.seed + 4,
-                                             workers=sampling_workers())
+                                             workers=sampling_workers(2 * p.num_pairs))
         (out / inputs.PAIRS_DIR).mkdir(parents=True, exist_ok=True)
         write_pairs(frame, out / inputs.PAIRS_DIR / inputs.shard_name(inputs.TRAIN_SPLIT, 0))  # one shard
         metrics |= pair_metrics

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
-from spo.diffusion.cpu_workers import iter_sample_jobs
+from spo.diffusion.cpu_workers import iter_sample_jobs, sampling_workers
 from spo.evaluation.evaluated_models import ResolvedModel
 from spo.evaluation.image_store import ImageStore, Sample, to_pil
 from spo.evaluation.scorers import Scorer
@@ -28,7 +28,8 @@ def model_store(images_dir, model: ResolvedModel) -> ImageStore:
 def generate_missing(models: Sequence[ResolvedModel], samples: Sequence[Sample], images_dir, *,
                      batch_size: int, workers: int) -> dict[str, int]:
     """Sample every (model, sample) image not yet on disk, writing each batch as it is done; returns how
-    many images each model had to make (0 after a complete earlier run)."""
+    many images each model had to make (0 after a complete earlier run). `workers`: at most that many CPU
+    worker processes (0: this process, e.g. on a GPU)."""
     jobs, targets = [], []
     made: dict[str, int] = {}
     for model in models:
@@ -40,6 +41,7 @@ def generate_missing(models: Sequence[ResolvedModel], samples: Sequence[Sample],
             jobs.append((model.spec, ([s.prompt for s in batch], [s.seed for s in batch])))
             targets.append((store, batch))
     total = sum(made.values())
+    workers = min(workers, sampling_workers(total))  # few images: this process (the same images)
     desc = f"evaluate: sampling {', '.join(m.name for m in models)}"
     with progress(total=total, desc=desc, unit="img") as bar:
         for (store, batch), images in zip(targets, iter_sample_jobs(jobs, workers)):
