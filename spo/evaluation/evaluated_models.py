@@ -16,6 +16,7 @@ from pathlib import Path
 
 from spo.config import Config, EvaluatedModel, MissingPathError
 from spo.diffusion.cpu_workers import SamplerSpec
+from spo.evaluation.scorers.base import looks_local
 from spo.models.diffusion_model import resolve_model_location
 from spo.models.lora import FULL_UNET_SUBDIR, LORA_WEIGHTS_FILE, UNET_CONFIG_FILE, full_unet_dir
 
@@ -31,7 +32,7 @@ class ResolvedModel:
 
 
 def _is_local(location: str) -> bool:
-    return Path(location).expanduser().exists() or location.startswith(("/", ".", "~"))
+    return Path(location).expanduser().exists() or looks_local(location)
 
 
 def _hub_snapshot(repo_id: str, patterns: list[str], what: str) -> Path:

@@ -204,7 +204,7 @@ def run(cfg: Config, *, prepared_dir: Path, spo_dir: Path, eval_dir: Path, out_d
     client.set_registered_model_alias(reg.model_name, reg.alias, version)
     if decision.promote:
         client.set_registered_model_alias(reg.model_name, reg.champion_alias, version)
-    revision = mlflow.models.get_model_info(info.model_uri).flavors["diffusers"].get("base_model_revision")
+    revision = info.flavors["diffusers"].get("base_model_revision")  # resolved by the flavour for a hub id
     tags = {"base_model": base, "base_model_revision": revision or "local or unresolved", "profile": cfg.profile,
             "eval.protocol_fingerprint": fingerprint, **decision.tags(),
             **{f"metric.{k}": v for k, v in metrics.items()}}

@@ -177,7 +177,8 @@ class BatchedScorer:
         self.device, self.batch_size = torch.device(device), batch_size
 
     def _score_batch(self, prompts: list[str], images: list[Image.Image]) -> torch.Tensor:
-        raise NotImplementedError
+        """(B,) scores of one batch: what each scorer defines (the abstract hook of `score`)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no _score_batch")
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> torch.Tensor:
