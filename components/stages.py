@@ -114,8 +114,27 @@ def train_spo(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], sp
 
 
 @spo_component
+def train_dpo(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], validation: Input[Artifact],
+              dpo: Output[Model], metrics: Output[Metrics]):
+    """The Diffusion-DPO baseline (DESIGN 3.3) on the pairs `validate` did not quarantine, parallel to
+    train_spo; with train_dpo.enabled false it writes a marker that evaluate and register skip."""
+    from pathlib import Path
+
+    from spo.stages import train_dpo as stage
+    from spo.stages.stage_cli import component_config
+    from spo.tracking.mlflow_tracker import flat_metrics, stage_tracker
+
+    cfg = component_config(params_yaml, parent_run_id)
+    with stage_tracker("train_dpo", cfg) as tracker:
+        result = stage.run(cfg, prepared_dir=Path(prepared.path), validate_dir=Path(validation.path),
+                           out_dir=Path(dpo.path), tracker=tracker)
+    for name, value in flat_metrics(result).items():
+        metrics.log_metric(name, value)
+
+
+@spo_component
 def evaluate(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], spm: Input[Model],
-             spo: Input[Model], evaluation: Output[Artifact], metrics: Output[Metrics], report: Output[HTML],
+             spo: Input[Model], dpo: Input[Model], evaluation: Output[Artifact], metrics: Output[Metrics], report: Output[HTML],
              summary: Output[Markdown]):
     """Every evaluate.models entry on fixed prompts and seeds: scores, CIs, win rates, report (DESIGN 3.4).
     The report and its Markdown summary are also KFP HTML/Markdown artifacts, shown in the run's UI."""
@@ -130,7 +149,8 @@ def evaluate(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], spm
     out = Path(evaluation.path)
     with stage_tracker("evaluate", cfg) as tracker:
         result = stage.run(cfg, prepared_dir=Path(prepared.path), spm_dir=Path(spm.path), spo_dir=Path(spo.path),
-                           out_dir=out, tracker=tracker, images_dir=out.with_name(out.name + "_images"))
+                           dpo_dir=Path(dpo.path), out_dir=out, tracker=tracker,
+                           images_dir=out.with_name(out.name + "_images"))
     shutil.copyfile(out / stage.REPORT_FILE, report.path)
     shutil.copyfile(out / stage.SUMMARY_FILE, summary.path)
     for name, value in flat_metrics(result).items():
@@ -138,9 +158,9 @@ def evaluate(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], spm
 
 
 @spo_component
-def register(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], spo: Input[Model],
+def register(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], spo: Input[Model], dpo: Input[Model],
              evaluation: Input[Artifact], registration: Output[Artifact], metrics: Output[Metrics]):
-    """Register the LoRA in the MLflow model registry under the configured alias; ends the parent run."""
+    """Register the SPO and DPO LoRAs in the MLflow model registry, gate the champion; ends the parent run."""
     from pathlib import Path
 
     from spo.stages import register as stage
@@ -149,11 +169,11 @@ def register(params_yaml: str, parent_run_id: str, prepared: Input[Dataset], spo
 
     cfg = component_config(params_yaml, parent_run_id)
     with stage_tracker("register", cfg) as tracker:
-        result = stage.run(cfg, prepared_dir=Path(prepared.path), spo_dir=Path(spo.path),
+        result = stage.run(cfg, prepared_dir=Path(prepared.path), spo_dir=Path(spo.path), dpo_dir=Path(dpo.path),
                            eval_dir=Path(evaluation.path), out_dir=Path(registration.path), tracker=tracker)
     for name, value in flat_metrics(result).items():
         metrics.log_metric(name, value)
 
 
 STAGE_COMPONENTS = {"prepare": prepare, "validate": validate, "train_spm": train_spm, "train_spo": train_spo,
-                    "evaluate": evaluate, "register": register}
+                    "train_dpo": train_dpo, "evaluate": evaluate, "register": register}

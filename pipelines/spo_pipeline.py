@@ -1,4 +1,5 @@
-"""The SPO Kubeflow pipeline: prepare -> validate -> train_spm -> train_spo -> evaluate -> register.
+"""The SPO Kubeflow pipeline: prepare -> validate -> train_spm -> train_spo -> evaluate -> register, with
+train_dpo (the Diffusion-DPO baseline) beside train_spm/train_spo.
 
 The same DAG as dvc.yaml. The whole config travels as one YAML string (`params_yaml`); the first step
 opens the MLflow parent run that every stage nests under. Training and evaluation ask for one NVIDIA GPU
@@ -17,6 +18,7 @@ from components.stages import (
     open_mlflow_run,
     prepare,
     register,
+    train_dpo,
     train_spm,
     train_spo,
     validate,
@@ -54,7 +56,9 @@ def spo_pipeline(params_yaml: str) -> None:
                                      validation=check.outputs["report"])))
     spo = _retried(_on_gpu(train_spo(params_yaml=params_yaml, parent_run_id=parent, prepared=prep.outputs["prepared"],
                                      spm=spm.outputs["spm"])))
+    dpo = _retried(_on_gpu(train_dpo(params_yaml=params_yaml, parent_run_id=parent, prepared=prep.outputs["prepared"],
+                                     validation=check.outputs["report"])))
     evaluation = _on_gpu(evaluate(params_yaml=params_yaml, parent_run_id=parent, prepared=prep.outputs["prepared"],
-                                  spm=spm.outputs["spm"], spo=spo.outputs["spo"]))
+                                  spm=spm.outputs["spm"], spo=spo.outputs["spo"], dpo=dpo.outputs["dpo"]))
     _on_cpu(register(params_yaml=params_yaml, parent_run_id=parent, prepared=prep.outputs["prepared"],
-                     spo=spo.outputs["spo"], evaluation=evaluation.outputs["evaluation"]))
+                     spo=spo.outputs["spo"], dpo=dpo.outputs["dpo"], evaluation=evaluation.outputs["evaluation"]))

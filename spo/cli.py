@@ -1,6 +1,6 @@
 """The `spo` command: run a stage, switch the parameter profile, or drive the Kubeflow pipeline.
 
-    spo prepare|validate|train_spm|train_spo|evaluate|register [stage args]   (what dvc.yaml runs)
+    spo prepare|validate|train_spm|train_spo|train_dpo|evaluate|register [stage args]   (what dvc.yaml runs)
     spo profile list | show | use NAME
     spo fixtures build DIR [--profile sd15|sdxl|all]                          (stand-ins of the real models)
     spo export --merged OUT [--base BASE] [--lora DIR | --unet DIR] [--vae VAE]   (one diffusers pipeline dir)

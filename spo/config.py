@@ -162,6 +162,7 @@ class TrainSPMConfig:
 class TrainSPOConfig:
     """DESIGN 3.2."""
 
+    seed: Count | None  # of the prompt order, rollouts and LoRA init; None = the top-level seed
     num_inference_steps: PositiveInt
     eta: Annotated[StrictFloat, Field(gt=0, le=1)]  # > 0: the K candidates must differ (sigma_t > 0)
     guidance_scale: NonNegative
@@ -204,6 +205,37 @@ class TrainSPOConfig:
             raise ValueError(f"must be less than train_spo.num_inference_steps ({steps}) for any step to branch")
         return value
 
+
+
+@section
+class TrainDPOConfig:
+    """DESIGN 3.3 (Wallace et al. 2023): Diffusion-DPO on the prepared pairs, ties dropped, the baseline SPO
+    is compared with. Loss -log σ(-β/2 · ((mse_θ(w) - mse_ref(w)) - (mse_θ(l) - mse_ref(l)))), the 1/2 kept
+    as in the paper and its code (diffusers' SD1.5 example drops it: its β 2500 is this β 5000)."""
+
+    enabled: StrictBool  # false: the stage writes a marker, evaluate and register leave DPO out
+    seed: Count | None  # of the pair order, t, noise and LoRA init; None = the top-level seed
+    beta: Positive
+    learning_rate: Positive
+    scale_lr: StrictBool  # as published: the rate is learning_rate x pairs_per_step (1e-8 x 2048)
+    pairs_per_step: PositiveInt  # pairs per optimizer step over all processes (the paper's 2048)
+    pairs_per_batch: PositiveInt  # micro-batch per process (memory); accumulation follows
+    max_steps: PositiveInt  # optimizer steps
+    lora_rank: PositiveInt
+    lora_alpha: Positive
+    lora_targets: Annotated[tuple[Name, ...], Field(min_length=1)]
+    adam_beta1: AdamBeta
+    adam_beta2: AdamBeta
+    adam_epsilon: Positive
+    weight_decay: NonNegative
+    grad_clip: NonNegative  # 0 disables clipping
+    lr_warmup_steps: Count  # linear warmup, then constant (the paper: constant_with_warmup, 500)
+    mixed_precision: Precision
+    gradient_checkpointing: bool
+    full_finetune: bool  # the paper's DPO trains every UNet weight (reference: a frozen copy); else a LoRA
+    attention: Literal["sdpa", "eager"]
+    checkpoint_every: Count  # optimizer steps between resumable checkpoints (0: none)
+    checkpoint_keep: PositiveInt
 
 # Scores the evaluation can compute. The first five are the published scorers (spo/evaluation/scorers,
 # loaded from `model`/`file`/...); the rest exist on `digits` only: the world's own rater split into its
@@ -289,6 +321,28 @@ class EvaluateConfig:
                        AfterValidator(lambda v: _distinct_names(v, "evaluate.scorers"))]
 
 
+
+def _no_training_reward(entries: tuple) -> tuple:
+    if any(e.name == "spm_reward" for e in entries):
+        raise ValueError("spm_reward is SPO's own training reward: a curve comparing SPO and DPO by it is not fair")
+    return _distinct_names(entries, "learning_curve.scorers")
+
+
+@section
+class LearningCurveConfig:
+    """Score vs training wall time, for SPO and DPO alike: before training and at `points` evenly spaced
+    moments, the model in training samples the first `num_prompts` eval prompts (DDIM, η = 0, one `seed`)
+    and `scorers` rate them. The time spent there is not counted as training time. Its own keys, not
+    evaluate's: a changed evaluation protocol must not rerun training."""
+
+    points: Count  # 0: no curve
+    num_prompts: PositiveInt
+    seed: Count
+    num_inference_steps: PositiveInt
+    guidance_scale: NonNegative
+    batch_size: PositiveInt  # images per sampling and scoring batch
+    scorers: Annotated[tuple[ScorerEntry, ...], Field(min_length=1), AfterValidator(_no_training_reward)]
+
 @section
 class RegisterConfig:
     """The registry gate: this run's model becomes version `alias` (candidate); alias `champion` moves to it
@@ -320,6 +374,8 @@ class Config:
     validate: ValidateConfig
     train_spm: TrainSPMConfig
     train_spo: TrainSPOConfig
+    train_dpo: TrainDPOConfig
+    learning_curve: LearningCurveConfig
     evaluate: EvaluateConfig
     register: RegisterConfig
     tracking: TrackingConfig
@@ -508,6 +564,11 @@ def profile_path(name: str) -> Path:
 
 def load_profile(name: str, overrides: list[str] | None = None, *, require_implemented: bool = True) -> Config:
     return load_config(profile_path(name), overrides, require_implemented=require_implemented)
+
+
+def training_seed(run: Config, section: TrainSPOConfig | TrainDPOConfig) -> int:
+    """A training stage's own seed, or the top-level one: seeds of SPO and DPO vary apart from the data's."""
+    return section.seed if section.seed is not None else run.seed
 
 
 def flat_params(cfg: Any, prefix: str = "") -> dict[str, Any]:

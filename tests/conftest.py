@@ -27,6 +27,8 @@ TINY_DIGITS_OVERRIDES = {
     "train_spo": {"num_epochs": 1, "max_prompts": 4, "prompts_per_round": 2, "prompts_per_rollout": 2,
                   "pairs_per_step": 2, "pairs_per_batch": 2, "num_inference_steps": 6, "branch_start_step": 1,
                   "threshold": 0.0},  # the barely-trained tiny SPM rarely clears 0.3: keep pairs so SPO steps
+    "train_dpo": {"max_steps": 2, "pairs_per_step": 4, "pairs_per_batch": 4},
+    "learning_curve": {"points": 1, "num_prompts": 2, "num_inference_steps": 4},
     "evaluate": {"num_prompts": 4, "seeds": [0], "num_inference_steps": 4, "grid_prompts": 2, "bootstrap_resamples": 200},
 }
 

@@ -109,7 +109,7 @@ def test_params_list_every_section_the_stage_reads(stage):
     assert not {p.split(".")[0] for p in params} & NOT_OUTPUT_SHAPING_SECTIONS, f"stages.{stage}.params"
     own = {p.split(".")[0] for p in params} - {"profile", "seed", "torch_threads", "model", stage}
     earlier = set(STAGES[:STAGES.index(stage)])
-    assert own <= earlier  # e.g. register reads evaluate's models and CIs; no stage lists a later stage's knobs
+    assert own & set(STAGES) <= earlier  # e.g. register reads evaluate's models and CIs; no stage lists a later stage's knobs
 
 
 def test_paths_in_commands_match_outs():
@@ -130,6 +130,11 @@ def test_training_curves_are_one_plot_of_a_declared_output():
     (plot,) = [p["SPO training"] for p in dvc_yaml["plots"] if "SPO training" in p]
     assert plot["x"] == "step"
     assert plot["y"] == {"models/spo/history.csv": ["loss", "ratio_win", "ratio_lose", "kept_pair_rate"]}
+    # the learning curve puts both methods on one axis of training seconds
+    (curve,) = [p["Learning curve"] for p in dvc_yaml["plots"] if "Learning curve" in p]
+    assert curve["x"] == "train_seconds" and curve["y"] == {"models/spo/curve.csv": "score", "models/dpo/curve.csv": "score"}
+    for stage in ("train_spo", "train_dpo"):
+        assert {f"models/{stage[6:]}/curve.csv": {"cache": False}} in DVC[stage]["outs"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -186,8 +191,11 @@ def test_dvc_repro_full_noop_and_experiment(repo_copy):
     first = sh(["dvc", "repro"], repo, env)
     assert stages_run(first) == list(STAGES)
     assert json.loads((repo / "models/spo/metrics.json").read_text())["optimizer_steps"] > 0
-    for out in ("data/prepared/pairs/train-00000.parquet", "reports/validate/quarantine.parquet", "models/spm/model", "models/spo/lora",
-                "models/spo/history.csv", "reports/evaluate/metrics.json", "models/registered/registration.json"):
+    assert json.loads((repo / "models/dpo/metrics.json").read_text())["optimizer_steps"] == 2
+    for out in ("data/prepared/pairs/train-00000.parquet", "reports/validate/quarantine.parquet", "models/spm/model",
+                "models/spo/lora/pytorch_lora_weights.safetensors", "models/dpo/lora/pytorch_lora_weights.safetensors",
+                "models/spo/history.csv", "models/spo/curve.csv", "models/dpo/history.csv", "models/dpo/curve.csv",
+                "reports/evaluate/metrics.json", "models/registered/registration.json"):
         assert (repo / out).exists(), out
 
     from mlflow import MlflowClient
@@ -201,12 +209,14 @@ def test_dvc_repro_full_noop_and_experiment(repo_copy):
         == sorted(STAGES)
     # the headline numbers sit on the pipeline run itself: two pipeline runs line up in the runs table
     headline = parents[0].data.metrics
-    assert {"base.oracle_utility", "spo.oracle_utility", "win_rate.spo_vs_base.oracle_aesthetic"} <= set(headline)
+    assert {"base.oracle_utility", "spo.oracle_utility", "dpo.oracle_utility", "win_rate.spo_vs_base.oracle_aesthetic",
+            "win_rate.dpo_vs_base.oracle_aesthetic"} <= set(headline)
     evaluation = json.loads((repo / "reports/evaluate/metrics.json").read_text())
     assert headline["spo.oracle_utility"] == evaluation["models"]["spo"]["oracle_utility"]
     assert "spo" in (repo / "reports/evaluate/report.html").read_text()
     registration = json.loads((repo / "models/registered/registration.json").read_text())
-    assert registration["gate"]["reason"] == "first" and registration["champion_version"] == registration["version"]
+    assert registration["registered"]["spo"]["gate"]["reason"] == "first"  # then DPO is gated against it
+    assert set(registration["registered"]) == {"spo", "dpo"} and registration["champion_version"] in ("1", "2")
 
     # locks and temp dirs beside the outputs are neither untracked files for git nor changes for DVC
     sh(["git", "add", "-A"], repo, env)
@@ -244,7 +254,7 @@ def test_dvc_repro_full_noop_and_experiment(repo_copy):
     assert parent.info.run_name == f"pipeline-{name}" and parent.data.params["train_spo.beta"] == "5.0"
     nested = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert sorted(nested) == ["evaluate", "register", "train_spo"]
-    gate = nested["register"].data.params["register.gate"]  # compared with the first run's champion
+    gate = nested["register"].data.params["register.spo.gate"]  # compared with the first run's champion
     assert gate in ("better", "not_better"), gate
     assert nested["train_spo"].data.params["train_spo.beta"] == "5.0"
     assert nested["train_spo"].data.tags["spo.dvc_experiment"] == name

@@ -21,7 +21,7 @@ from pipelines import cli  # noqa: E402
 from pipelines.spo_pipeline import spo_pipeline  # noqa: E402
 from spo.stages import STAGES  # noqa: E402
 
-GPU_STAGES = {"train_spm", "train_spo", "evaluate"}
+GPU_STAGES = {"train_spm", "train_spo", "evaluate", "train_dpo"}
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,9 @@ def test_compiled_dag_matches_dvc(compiled):
     assert upstream[kfp_name("validate")] == {"prepare"}
     assert upstream[kfp_name("train_spm")] == {"prepare", "validate"}  # a failing validation stops training
     assert upstream[kfp_name("train_spo")] == {"prepare", "train-spm"}
-    assert upstream[kfp_name("evaluate")] == {"prepare", "train-spm", "train-spo"}
-    assert upstream[kfp_name("register")] == {"prepare", "train-spo", "evaluate"}
+    assert upstream[kfp_name("train_dpo")] == {"prepare", "validate"}  # beside the SPM and SPO, not after them
+    assert upstream[kfp_name("evaluate")] == {"prepare", "train-spm", "train-spo", "train-dpo"}
+    assert upstream[kfp_name("register")] == {"prepare", "train-spo", "train-dpo", "evaluate"}
     assert all("open-mlflow-run" in tasks[kfp_name(s)]["dependentTasks"] for s in STAGES)
 
 
@@ -79,7 +80,7 @@ def test_gpu_resources_retries_and_caching(compiled):
             assert accelerator is None
         assert container["image"] == "ghcr.io/spo-pipeline/spo:0.1.0-python"
         assert "pip install" not in " ".join(container["command"])  # nothing installed at run time
-    for stage in ("train_spm", "train_spo"):
+    for stage in ("train_spm", "train_spo", "train_dpo"):
         assert tasks[kfp_name(stage)]["retryPolicy"]["maxRetryCount"] == 2
     assert tasks["open-mlflow-run"]["cachingOptions"].get("enableCache", False) is False
     assert tasks["train-spo"]["cachingOptions"]["enableCache"] is True

@@ -1,6 +1,7 @@
 """The real profiles run the DVC pipeline on stand-ins of the real architectures (`spo fixtures build`): sd15 the
-whole of it -- prepare -> validate -> train_spm -> train_spo -> evaluate (the five published scorers) -> register --
-and sdxl through train_spo (MSPO); exactly what a user does for a dry run, with the printed command."""
+whole of it -- prepare -> validate -> train_spm -> train_spo, train_dpo -> evaluate (the five published scorers) ->
+register -- and sdxl through train_spo (MSPO) and train_dpo; exactly what a user does for a dry run, with the
+printed command."""
 
 from __future__ import annotations
 
@@ -81,20 +82,38 @@ def test_profile_runs_the_whole_pipeline_on_the_standins(profile, tmp_path, caps
     pipe.load_lora_weights(str(repo / "models/spo/lora"))  # what a user does with our output
     assert any("lora" in name for name, _ in pipe.unet.named_parameters())
 
+    curve = list(csv.DictReader((repo / "models/spo/curve.csv").open()))  # before and after the one round
+    assert [float(r["position"]) for r in curve] == [0, 1] and all(math.isfinite(float(r["pickscore"])) for r in curve)
+
+    # Diffusion-DPO on the same pairs: the sd15 recipe's full fine-tune (2 processes), SDXL's LoRA
+    out = sh(["dvc", "repro", "train_dpo"], repo, {**env, "SPO_NUM_PROCESSES": str(processes)})
+    assert stages_run(out) == ["train_dpo"]
+    dpo = json.loads((repo / "models/dpo/metrics.json").read_text())
+    assert dpo["optimizer_steps"] == 2 and dpo["num_processes"] == processes
+    assert dpo["decided_pairs"] + dpo["ties_dropped"] == prepared["kept"] and dpo["pairs_seen"] == 8
+    dpo_history = list(csv.DictReader((repo / "models/dpo/history.csv").open()))
+    assert float(dpo_history[0]["loss"]) == pytest.approx(math.log(2), abs=1e-5)  # the policy starts as the reference
+    assert len(list(csv.DictReader((repo / "models/dpo/curve.csv").open()))) == 2
+    assert not list((repo / "models/dpo_checkpoints").glob("*.pt"))
     if profile == "sdxl":  # evaluate samples with the SDXL conditioning train_spo just used (the suite time bar)
-        assert stages_run(sh(["dvc", "repro", "train_spo"], repo, env)) == []
+        assert cfg.train_dpo.full_finetune is False
+        pipe.load_lora_weights(str(repo / "models/dpo/lora"), adapter_name="dpo")
+        assert stages_run(sh(["dvc", "repro", "train_spo", "train_dpo"], repo, env)) == []
         return
+    assert cfg.train_dpo.full_finetune and (repo / "models/dpo/lora/unet/config.json").is_file()
     # evaluate with the published scorers' stand-ins (their real classes, key layouts and preprocessing),
     # then register: the first version becomes champion
     assert stages_run(sh(["dvc", "repro"], repo, env)) == ["evaluate", "register"]
     evaluation = json.loads((repo / "reports/evaluate/metrics.json").read_text())
     scorers = ["pickscore", "hpsv21", "imagereward", "aesthetic", "clip_score"]
     assert [s.name for s in cfg.evaluate.scorers] == scorers
-    for model in ("base", "spo"):
+    for model in ("base", "spo", "dpo"):
         assert all(math.isfinite(evaluation["models"][model][k]) for k in scorers)
     assert evaluation["num_samples"] == cfg.evaluate.num_prompts
     assert 0 <= evaluation["win_rate"]["spo_vs_base"]["pickscore"] <= 1
     assert 'data-model="spo"' in (repo / "reports/evaluate/report.html").read_text()
     registration = json.loads((repo / "models/registered/registration.json").read_text())
-    assert registration["gate"]["reason"] == "first" and registration["version"] == "1"
+    assert registration["registered"]["spo"]["gate"]["reason"] == "first"
+    assert registration["registered"]["spo"]["version"] == "1"
+    assert "full UNet" in registration["skipped"]["dpo"]  # the flavour takes adapters; the DPO UNet is exported
     assert stages_run(sh(["dvc", "repro"], repo, env)) == []

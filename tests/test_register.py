@@ -17,16 +17,23 @@ from spo.tracking.mlflow_tracker import stage_tracker
 
 NAME = "spo-test-lora"
 CFG = load_profile("digits", [f"register.model_name={NAME}", "tracking.experiment=spo-test",
-                              "evaluate.bootstrap_resamples=500"])
+                              "evaluate.bootstrap_resamples=500",
+                              "evaluate.models=[{name: base}, {name: spo, run_output: spo}]"])
+BOTH = load_profile("digits", [f"register.model_name={NAME}", "tracking.experiment=spo-test",
+                               "evaluate.bootstrap_resamples=500"])  # the default models: base, spo, dpo
 PROMPTS = 30
 
 
-def write_eval(eval_dir, shift: float, fingerprint: str = "fp-a", seed: int = 0):
-    """An evaluation output whose `spo` rows score base + `shift` (+ noise) on oracle_utility."""
+def write_eval(eval_dir, shift: float, fingerprint: str = "fp-a", seed: int = 0, dpo_shift: float | None = None):
+    """An evaluation output whose `spo` rows score base + `shift` (+ noise) on oracle_utility (and `dpo`
+    rows base + `dpo_shift`, if given)."""
     base = np.random.default_rng(0).normal(size=PROMPTS)  # the same base images every run
     noise = 0.1 * np.random.default_rng(seed + 1).normal(size=PROMPTS)
     rows = []
-    for model, values in (("base", base), ("spo", base + shift + noise)):
+    models = [("base", base), ("spo", base + shift + noise)]
+    if dpo_shift is not None:
+        models.append(("dpo", base + dpo_shift + noise))
+    for model, values in models:
         rows += [{"model": model, "prompt_index": i, "prompt": f"p{i}", "seed": 0, "oracle_utility": float(v),
                   "oracle_aesthetic": 0.0} for i, v in enumerate(values)]
     eval_dir.mkdir(parents=True, exist_ok=True)
@@ -45,12 +52,16 @@ def stage_dirs(tmp_path, tiny_lora):
     return prepared, lora_dir.parent
 
 
-def register_once(tmp_path, stage_dirs, eval_dir, cfg=CFG):
+def register_once(tmp_path, stage_dirs, eval_dir, cfg=CFG, dpo_dir=None):
+    """registration.json with the SPO model's entry merged in (its version, gate, ...; the top level's
+    champion_version is the champion after every candidate)."""
     prepared, spo_dir = stage_dirs
     out = tmp_path / f"registered-{eval_dir.name}"
     with stage_tracker("register", cfg) as tracker:
-        register.run(cfg, prepared_dir=prepared, spo_dir=spo_dir, eval_dir=eval_dir, out_dir=out, tracker=tracker)
-    return json.loads((out / "registration.json").read_text())
+        register.run(cfg, prepared_dir=prepared, spo_dir=spo_dir, eval_dir=eval_dir, out_dir=out, tracker=tracker,
+                     dpo_dir=dpo_dir)
+    registration = json.loads((out / "registration.json").read_text())
+    return {**registration["registered"].get("spo", {}), **registration}
 
 
 LOAD_WITHOUT_SPO = """
@@ -68,13 +79,13 @@ print(type(pipe).__name__, len(pngs), all(png[:4] == b"\\x89PNG" for png in pngs
 @pytest.mark.slow  # a fresh interpreter loads the registered model (~15 s)
 def test_register_logs_the_diffusers_flavour_which_loads_without_this_package(mlflow_db, tmp_path, stage_dirs):
     info = register_once(tmp_path, stage_dirs, write_eval(tmp_path / "eval", shift=1.0))
-    assert info["version"] == "1" and info["alias_uri"] == f"models:/{NAME}@candidate"
+    assert info["version"] == "1" and info["alias_uri"] == f"models:/{NAME}@candidate-spo"
     assert info["gate"]["reason"] == "first" and info["champion_version"] == "1"
     assert info["eval_metrics"] == {"models.spo.oracle_utility": 1.0}
 
     client = MlflowClient()
     version = client.get_model_version_by_alias(NAME, "champion")
-    assert str(version.version) == str(client.get_model_version_by_alias(NAME, "candidate").version) == "1"
+    assert str(version.version) == str(client.get_model_version_by_alias(NAME, "candidate-spo").version) == "1"
     assert version.tags["base_model"] == str((stage_dirs[0] / BASE_MODEL_DIR).resolve())
     assert version.tags["gate.reason"] == "first" and version.tags["eval.protocol_fingerprint"] == "fp-a"
     model_info = mlflow.models.get_model_info(info["logged_model_uri"])
@@ -100,7 +111,7 @@ def test_gate_moves_champion_only_for_a_better_candidate(mlflow_db, tmp_path, st
     assert worse["champion_version"] == "1"
     client = MlflowClient()
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
-    assert str(client.get_model_version_by_alias(NAME, "candidate").version) == "2"
+    assert str(client.get_model_version_by_alias(NAME, "candidate-spo").version) == "2"
 
     # v3 beats the champion (v1) on every prompt: the CI clears 0.5, the alias moves
     better = register_once(tmp_path, stage_dirs, write_eval(tmp_path / "e3", shift=0.5))
@@ -113,6 +124,29 @@ def test_gate_moves_champion_only_for_a_better_candidate(mlflow_db, tmp_path, st
     # scored under another protocol: not comparable, the champion stays
     other = register_once(tmp_path, stage_dirs, write_eval(tmp_path / "e4", shift=5.0, fingerprint="fp-b"))
     assert other["gate"]["reason"] == "protocol_differs" and other["champion_version"] == "3"
+
+
+def test_both_methods_are_registered_and_gated_in_turn(mlflow_db, tmp_path, stage_dirs):
+    """SPO and DPO become versions of one registered model; DPO, better than the SPO just promoted, takes
+    the champion alias from it. A disabled DPO is skipped and said so."""
+    registration = register_once(tmp_path, stage_dirs, write_eval(tmp_path / "e1", shift=0.0, dpo_shift=0.5),
+                                 cfg=BOTH, dpo_dir=stage_dirs[1])
+    spo, dpo = registration["registered"]["spo"], registration["registered"]["dpo"]
+    assert (spo["version"], spo["gate"]["reason"]) == ("1", "first")
+    assert (dpo["version"], dpo["gate"]["reason"], dpo["gate"]["champion_version"]) == ("2", "better", "1")
+    assert registration["champion_version"] == "2" and registration["skipped"] == {}
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
+    assert str(client.get_model_version_by_alias(NAME, "candidate-dpo").version) == "2"
+    assert client.get_model_version(NAME, "1").tags["method"] == "spo"
+    assert client.get_model_version(NAME, "2").tags["method"] == "dpo"
+
+    disabled = tmp_path / "dpo-off"
+    (disabled / "lora").mkdir(parents=True)
+    (disabled / "lora" / "disabled.json").write_text("{}")
+    again = register_once(tmp_path, stage_dirs, write_eval(tmp_path / "e2", shift=0.0), cfg=BOTH, dpo_dir=disabled)
+    assert set(again["registered"]) == {"spo"} and "dpo" in again["skipped"]
+    assert again["gate"]["reason"] == "not_better" and again["champion_version"] == "2"  # SPO v3 vs DPO v2
 
 
 def test_gate_needs_the_ci_above_half_not_only_the_rate(mlflow_db, tmp_path, stage_dirs):

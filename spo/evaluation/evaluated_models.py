@@ -10,15 +10,18 @@ reused.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from spo.config import Config, EvaluatedModel, MissingPathError
+from spo.config import Config, ConfigError, EvaluatedModel, MissingPathError
 from spo.diffusion.cpu_workers import SamplerSpec
 from spo.evaluation.scorers.base import looks_local
 from spo.models.diffusion_model import resolve_model_location
-from spo.models.lora import FULL_UNET_SUBDIR, LORA_WEIGHTS_FILE, UNET_CONFIG_FILE, full_unet_dir
+from spo.models.lora import DISABLED_FILE, FULL_UNET_SUBDIR, LORA_WEIGHTS_FILE, UNET_CONFIG_FILE, full_unet_dir
+
+log = logging.getLogger(__name__)
 
 SMALL_FILE = 256 * 2**20  # weight files up to this size are fingerprinted by content, larger by size + mtime
 
@@ -77,9 +80,14 @@ def _files_digest(paths: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
+def run_output_disabled(run_dir: Path | None) -> bool:
+    """The training stage was switched off (train_dpo.enabled: false): it wrote a marker, not a model."""
+    return run_dir is not None and (Path(run_dir) / "lora" / DISABLED_FILE).is_file()
+
+
 def run_output_location(name: str, run_dir: Path | None, what: str) -> tuple[str | None, str | None]:
-    """(lora_dir, unet_dir) of this run's trained model: train_spo writes out_dir/lora (a LoRA) or, with
-    full_finetune, out_dir/lora/unet (a UNet)."""
+    """(lora_dir, unet_dir) of this run's trained model: train_spo/train_dpo write out_dir/lora (a LoRA)
+    or, with full_finetune, out_dir/lora/unet (a UNet)."""
     if run_dir is None:
         raise MissingPathError(f"{what}: run_output {name} needs the stage's --{name}-dir")
     lora = Path(run_dir) / "lora"
@@ -98,8 +106,15 @@ def resolve_models(cfg: Config, base_location: str, run_dirs: dict[str, Path | N
     dtype = "float32" if device == "cpu" else cfg.model.dtype  # fp16 on CPU is slow and not what a GPU does
     resolved = []
     for index, entry in enumerate(ev.models):
+        if entry.run_output is not None and run_output_disabled(run_dirs.get(entry.run_output)):
+            log.warning("evaluate.models[%d] (%s): train_%s is disabled in this run: left out", index, entry.name,
+                        entry.run_output)
+            continue
         resolved.append(_resolve(entry, f"evaluate.models[{index}] ({entry.name})", cfg, base_location,
                                  run_dirs, device, dtype))
+    if len(resolved) < 2:
+        raise ConfigError(f"evaluate.models: {len(resolved)} model(s) left to compare once the disabled training "
+                          "stages' outputs are left out; need at least 2")
     return resolved
 
 

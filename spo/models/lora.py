@@ -21,10 +21,11 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from spo.config import MissingPathError, TrainSPOConfig
+from spo.config import MissingPathError, TrainDPOConfig, TrainSPOConfig
 from spo.tracking.progress import no_library_bars
 
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+DISABLED_FILE = "disabled.json"  # in place of weights: the training stage was switched off (train_dpo.enabled)
 FULL_UNET_SUBDIR = "unet"
 UNET_CONFIG_FILE = "config.json"  # what `save_pretrained` writes beside a model's weights
 # the pipeline class whose `save_lora_weights` writes each architecture's file (model.architecture values);
@@ -32,7 +33,7 @@ UNET_CONFIG_FILE = "config.json"  # what `save_pretrained` writes beside a model
 LORA_SAVERS = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 
 
-def add_lora(unet: UNet2DConditionModel, cfg: TrainSPOConfig) -> list[torch.nn.Parameter]:
+def add_lora(unet: UNet2DConditionModel, cfg: TrainSPOConfig | TrainDPOConfig) -> list[torch.nn.Parameter]:
     """Attach a gaussian-init LoRA (B = 0, so the UNet output is unchanged); return its fp32 params."""
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",

@@ -3,4 +3,4 @@
 The same names are used in `dvc.yaml`, here, and in `components/`.
 """
 
-STAGES = ("prepare", "validate", "train_spm", "train_spo", "evaluate", "register")
+STAGES = ("prepare", "validate", "train_spm", "train_spo", "train_dpo", "evaluate", "register")

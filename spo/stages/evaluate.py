@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from spo.atomic_write import atomic_dir
-from spo.config import PUBLISHED_SCORERS, Config, flat_params
+from spo.config import Config, flat_params
 from spo.data.model_locations import base_model_location
 from spo.data.prepared_layout import EVAL_PROMPTS_FILE
 from spo.data.prompts import read_prompts
@@ -31,6 +31,7 @@ from spo.evaluation.evaluated_models import ResolvedModel, resolve_models
 from spo.evaluation.image_store import Sample
 from spo.evaluation.model_comparison import generate_missing, model_store, score_models
 from spo.evaluation.report import GridRow, image_grid, write_report
+from spo.evaluation.scorer_set import build_scorers
 from spo.evaluation.statistics import flat_metrics, model_metrics, summarise
 from spo.stages.stage_cli import stage_main
 from spo.tracking.tracker import Tracker
@@ -52,21 +53,6 @@ NOTES = {
 def images_dir_for(out_dir: Path) -> Path:
     """Beside out_dir, not inside it: DVC and atomic_dir replace out_dir whole, the images must survive."""
     return Path(out_dir).with_name(Path(out_dir).name + "_images")
-
-
-def build_scorers(cfg: Config, *, prepared_dir: Path, spm_dir: Path, device: str) -> list:
-    from spo.evaluation.digits_scorers import digits_scorer
-    from spo.evaluation.scorers import ScorerSource, load_scorer
-
-    scorers = []
-    for entry in cfg.evaluate.scorers:
-        if entry.name in PUBLISHED_SCORERS:
-            source = ScorerSource(model=entry.model, file=entry.file, processor=entry.processor,
-                                  tokenizer=entry.tokenizer, arch=entry.arch)
-            scorers.append(load_scorer(entry.name, source, device=device, batch_size=cfg.evaluate.score_batch_size))
-        else:
-            scorers.append(digits_scorer(entry.name, prepared_dir=prepared_dir, spm_dir=spm_dir, device=device))
-    return scorers
 
 
 def protocol(cfg: Config, samples: Sequence[Sample], models: Sequence[ResolvedModel]) -> dict:
@@ -99,20 +85,21 @@ def headline_metrics(summary: dict, models: Sequence[str], metrics: Sequence[str
 
 
 def run(cfg: Config, *, prepared_dir: Path, spm_dir: Path, spo_dir: Path | None, out_dir: Path,
-        tracker: Tracker, images_dir: Path | None = None) -> dict:
+        tracker: Tracker, images_dir: Path | None = None, dpo_dir: Path | None = None) -> dict:
     """Sample what is missing, score, summarise; write out_dir atomically; log per model and headline."""
     ev = cfg.evaluate
     device = "cuda" if torch.cuda.is_available() else "cpu"
     captions = read_prompts(Path(prepared_dir) / EVAL_PROMPTS_FILE, ev.num_prompts)
     samples = [Sample(i, caption, seed) for i, caption in enumerate(captions) for seed in ev.seeds]
-    models = resolve_models(cfg, base_model_location(cfg, Path(prepared_dir)), {"spo": spo_dir}, device=device)
+    models = resolve_models(cfg, base_model_location(cfg, Path(prepared_dir)), {"spo": spo_dir, "dpo": dpo_dir}, device=device)
     names, metrics = [m.name for m in models], [s.name for s in ev.scorers]
     images_dir = Path(images_dir) if images_dir is not None else images_dir_for(out_dir)
     tracker.log_params({"evaluate.num_samples": len(samples), "evaluate.images_dir": str(images_dir)})
 
     made = generate_missing(models, samples, images_dir, batch_size=ev.batch_size,
                             workers=0 if device == "cuda" else sampling_workers())
-    scorers = build_scorers(cfg, prepared_dir=Path(prepared_dir), spm_dir=Path(spm_dir), device=device)
+    scorers = build_scorers(ev.scorers, prepared_dir=Path(prepared_dir), spm_dir=Path(spm_dir), device=device,
+                            batch_size=ev.score_batch_size)
     table = score_models(models, samples, images_dir, scorers, batch_size=ev.score_batch_size)
     summary = summarise(table, metrics=metrics, models=names, baseline=names[0], confidence=ev.confidence,
                         n_resamples=ev.bootstrap_resamples, seed=cfg.seed)
@@ -147,10 +134,10 @@ def run(cfg: Config, *, prepared_dir: Path, spm_dir: Path, spo_dir: Path | None,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    stage_main("evaluate", argv, ["prepared_dir", "spm_dir", "spo_dir", "out_dir", "images_dir?"],
+    stage_main("evaluate", argv, ["prepared_dir", "spm_dir", "spo_dir", "out_dir", "images_dir?", "dpo_dir?"],
                lambda cfg, args, tracker: run(cfg, prepared_dir=args.prepared_dir, spm_dir=args.spm_dir,
                                               spo_dir=args.spo_dir, out_dir=args.out_dir, tracker=tracker,
-                                              images_dir=args.images_dir))
+                                              images_dir=args.images_dir, dpo_dir=args.dpo_dir))
 
 
 if __name__ == "__main__":

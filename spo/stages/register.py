@@ -1,4 +1,5 @@
-"""Stage `register`: log this run's SPO LoRA as an MLflow model, register it, and gate the champion.
+"""Stage `register`: log this run's trained LoRAs (SPO, and DPO when it ran) as MLflow models, register
+them as versions of one registered model, and gate the champion.
 
 The model uses MLflow's own `mlflow.diffusers` flavour: the adapter's safetensors plus a reference to the
 base pipeline (hub id, with the hub revision the flavour resolves, or a local dir), loaded back with
@@ -7,11 +8,13 @@ base pipeline (hub id, with the hub revision the flavour resolves, or a local di
 installed. A local base dir (the digits world) is only referenced: pass
 `model_config={"base_model": ...}` when loading it on another machine.
 
-Gate: the new version gets alias `register.alias` (candidate). Alias `register.champion_alias` moves to
-it only if its paired win rate on `register.primary_metric` against the current champion -- the same
+Gate: each new version gets alias `<register.alias>-<method>` (candidate-spo, candidate-dpo) and a
+`method` tag. In `evaluate.models` order, alias `register.champion_alias` moves to a version only if its paired win rate on `register.primary_metric` against the current champion -- the same
 (prompt, seed) samples, scored the same way, checked by the evaluation protocol's fingerprint -- exceeds
 `register.promote_threshold` and the bootstrap CI's lower end exceeds 0.5. The first version becomes
-champion. Decision and numbers are written as model-version tags and into registration.json.
+champion. So the champion is whichever method's model won its paired comparison last; DPO is gated
+against SPO when SPO was just promoted. Decisions and numbers are written as model-version tags and into
+registration.json.
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from spo.atomic_write import write_json
-from spo.config import Config, ConfigError
+from spo.config import Config, ConfigError, EvaluatedModel
 from spo.data.model_locations import base_model_location
 from spo.evaluation.statistics import paired_win_rate
-from spo.models.lora import FULL_UNET_SUBDIR, LORA_WEIGHTS_FILE, lora_weights_file
+from spo.models.lora import DISABLED_FILE, FULL_UNET_SUBDIR, LORA_WEIGHTS_FILE, lora_weights_file
 from spo.tracking.mlflow_tracker import flat_metrics
 from spo.tracking.tracker import Tracker
 
@@ -48,8 +51,9 @@ EVAL_METRICS_FILE = "metrics.json"
 EVAL_SCORES_FILE = "scores.parquet"
 EVAL_PROTOCOL_FILE = "protocol.json"
 REGISTRATION_FILE = "registration.json"
-MODEL_NAME_IN_RUN = "spo_lora"
-SCORES_ARTIFACT = "registration/candidate_scores.parquet"  # the candidate's per-sample scores, for later gates
+SCORES_ARTIFACT = "registration/{method}/candidate_scores.parquet"  # a version's per-sample scores, for later gates
+LEGACY_SCORES_ARTIFACT = "registration/candidate_scores.parquet"  # where versions before DPO keep them
+SCORES_TAG = "gate.scores_artifact"
 KEYS = ("prompt_index", "seed")
 
 
@@ -90,13 +94,13 @@ def read_eval_metrics(eval_dir: Path) -> dict[str, float]:
         raise ValueError(f"{path}: not valid JSON: {err}") from err
 
 
-def candidate_model_name(cfg: Config) -> str:
-    """The `evaluate.models` entry that is this run's SPO output: the model being registered."""
-    for entry in cfg.evaluate.models:
-        if entry.run_output == "spo":
-            return entry.name
-    raise ConfigError("register: no evaluate.models entry has run_output: spo, so this run's SPO model was not "
-                      "evaluated and the gate has nothing to compare")
+def candidates(cfg: Config) -> list[EvaluatedModel]:
+    """The `evaluate.models` entries that are this run's trained models (run_output spo/dpo), in order."""
+    found = [entry for entry in cfg.evaluate.models if entry.run_output is not None]
+    if not found:
+        raise ConfigError("register: no evaluate.models entry has a run_output (spo or dpo), so this run's models "
+                          "were not evaluated and the gate has nothing to compare")
+    return found
 
 
 def candidate_scores(eval_dir: Path, model: str, metric: str) -> pd.DataFrame:
@@ -143,8 +147,8 @@ def _champion_evidence(client: MlflowClient, name: str, alias: str) -> tuple[Any
         return None, None
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            local = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=SCORES_ARTIFACT,
-                                                        dst_path=tmp)
+            local = mlflow.artifacts.download_artifacts(
+                run_id=version.run_id, artifact_path=version.tags.get(SCORES_TAG, LEGACY_SCORES_ARTIFACT), dst_path=tmp)
             return version, pd.read_parquet(local)
     except (MlflowException, OSError) as err:
         log.warning("champion %s v%s has no per-sample scores (%s): it is kept", name, version.version, err)
@@ -163,70 +167,113 @@ def _model_run(cfg: Config) -> Iterator[mlflow.ActiveRun]:
         yield run
 
 
-def run(cfg: Config, *, prepared_dir: Path, spo_dir: Path, eval_dir: Path, out_dir: Path,
-        tracker: Tracker | None) -> dict[str, float]:
-    """Log + register the adapter, alias it candidate, gate the champion, write out_dir/registration.json."""
-    lora_dir = Path(spo_dir) / LORA_SUBDIR
+def skipped_full_finetune(lora_dir: Path) -> str | None:
     if (lora_dir / FULL_UNET_SUBDIR).is_dir() and not (lora_dir / LORA_WEIGHTS_FILE).is_file():
-        reason = ("train_spo.full_finetune wrote a full UNet; MLflow's diffusers flavour registers LoRA adapters "
-                  "only. Export a pipeline with `spo export --merged OUT --unet models/spo/lora` instead.")
-        log.warning("register: skipped: %s", reason)
-        write_json(Path(out_dir) / REGISTRATION_FILE, {"skipped": reason})
-        return {"registered_version": 0.0}
-    lora_weights_file(lora_dir)  # names the missing file
+        return ("full_finetune wrote a full UNet; MLflow's diffusers flavour registers LoRA adapters only. Export a "
+                f"pipeline with `spo export --merged OUT --unet {lora_dir}` instead.")
+    return None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What `evaluate` wrote that the gate reads."""
+
+    eval_dir: Path
+    metrics: dict[str, float]
+    fingerprint: str
+
+
+def read_evaluation(eval_dir: Path) -> Evaluation:
     metrics = read_eval_metrics(Path(eval_dir))
     protocol_path = Path(eval_dir) / EVAL_PROTOCOL_FILE
     if not protocol_path.is_file():
         raise FileNotFoundError(f"evaluation protocol not found: {protocol_path}")
-    fingerprint = json.loads(protocol_path.read_text())["fingerprint"]
-    reg = cfg.register
-    scores = candidate_scores(Path(eval_dir), candidate_model_name(cfg), reg.primary_metric)
-    base = base_model_location(cfg, Path(prepared_dir))
-    base = str(Path(base).resolve()) if Path(base).is_dir() else base
+    return Evaluation(Path(eval_dir), metrics, json.loads(protocol_path.read_text())["fingerprint"])
 
-    client = MlflowClient()
+
+def register_candidate(cfg: Config, entry: EvaluatedModel, lora_dir: Path, evaluation: Evaluation, base: str,
+                       client: MlflowClient) -> dict[str, Any]:
+    """Log + register one trained adapter, alias it `<alias>-<method>`, gate the champion."""
+    reg, method = cfg.register, entry.run_output
+    alias = f"{reg.alias}-{method}"
+    lora_weights_file(lora_dir)  # names the missing file
+    scores = candidate_scores(evaluation.eval_dir, entry.name, reg.primary_metric)
     champion, champion_scores = _champion_evidence(client, reg.model_name, reg.champion_alias)
+    scores_artifact = SCORES_ARTIFACT.format(method=method)
     with _model_run(cfg) as active:
         info = mlflow.diffusers.log_model(
-            str(lora_dir.resolve()), base, name=MODEL_NAME_IN_RUN, registered_model_name=reg.model_name,
-            signature=signature(cfg), metadata={"profile": cfg.profile, "eval_protocol": fingerprint})
+            str(lora_dir.resolve()), base, name=f"{method}_lora", registered_model_name=reg.model_name,
+            signature=signature(cfg),
+            metadata={"profile": cfg.profile, "method": method, "eval_protocol": evaluation.fingerprint})
         with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / Path(SCORES_ARTIFACT).name
+            local = Path(tmp) / Path(scores_artifact).name
             scores.to_parquet(local, index=False)
-            mlflow.log_artifact(str(local), str(Path(SCORES_ARTIFACT).parent))
-        if metrics:
-            mlflow.log_metrics(metrics, model_id=info.model_id, run_id=active.info.run_id)
+            mlflow.log_artifact(str(local), str(Path(scores_artifact).parent))
+        if evaluation.metrics:
+            mlflow.log_metrics(evaluation.metrics, model_id=info.model_id, run_id=active.info.run_id)
         run_id, parent_id = active.info.run_id, active.data.tags.get("mlflow.parentRunId")
     version = str(info.registered_model_version)
-    same = champion is not None and champion.tags.get("eval.protocol_fingerprint") == fingerprint
+    same = champion is not None and champion.tags.get("eval.protocol_fingerprint") == evaluation.fingerprint
     decision = decide(cfg, scores, champion_scores, champion_version=str(champion.version) if champion else None,
                       same_protocol=same)
-    client.set_registered_model_alias(reg.model_name, reg.alias, version)
+    client.set_registered_model_alias(reg.model_name, alias, version)
     if decision.promote:
         client.set_registered_model_alias(reg.model_name, reg.champion_alias, version)
     revision = info.flavors["diffusers"].get("base_model_revision")  # resolved by the flavour for a hub id
-    tags = {"base_model": base, "base_model_revision": revision or "local or unresolved", "profile": cfg.profile,
-            "eval.protocol_fingerprint": fingerprint, **decision.tags(),
-            **{f"metric.{k}": v for k, v in metrics.items()}}
+    tags = {"method": method, "evaluated_as": entry.name, "base_model": base,
+            "base_model_revision": revision or "local or unresolved", "profile": cfg.profile,
+            "eval.protocol_fingerprint": evaluation.fingerprint, SCORES_TAG: scores_artifact, **decision.tags(),
+            **{f"metric.{k}": v for k, v in evaluation.metrics.items()}}
     for key, value in tags.items():
         client.set_model_version_tag(reg.model_name, version, key, str(value))
     champion_now = version if decision.promote else decision.champion_version
-    registration = {"model_name": reg.model_name, "version": version, "alias": reg.alias,
-                    "model_uri": f"models:/{reg.model_name}/{version}",
-                    "alias_uri": f"models:/{reg.model_name}@{reg.alias}",
-                    "champion_uri": f"models:/{reg.model_name}@{reg.champion_alias}", "champion_version": champion_now,
-                    "gate": asdict(decision), "logged_model_uri": info.model_uri, "run_id": run_id,
-                    "parent_run_id": parent_id, "base_model": base, "base_model_revision": revision,
-                    "eval_metrics": metrics}
+    log.info("register: %s v%s (%s) is %s; champion: v%s (%s)", reg.model_name, version, method, alias,
+             champion_now, decision.reason)
+    return {"method": method, "evaluated_as": entry.name, "version": version, "alias": alias,
+            "model_uri": f"models:/{reg.model_name}/{version}", "alias_uri": f"models:/{reg.model_name}@{alias}",
+            "champion_version": champion_now, "gate": asdict(decision), "logged_model_uri": info.model_uri,
+            "run_id": run_id, "parent_run_id": parent_id, "base_model_revision": revision}
+
+
+def run(cfg: Config, *, prepared_dir: Path, spo_dir: Path | None, eval_dir: Path, out_dir: Path,
+        tracker: Tracker | None, dpo_dir: Path | None = None) -> dict[str, float]:
+    """Register every trained model this run evaluated (SPO, DPO), gate each in turn, write
+    out_dir/registration.json. A disabled or fully fine-tuned one is skipped, and the file says why."""
+    run_dirs = {"spo": spo_dir, "dpo": dpo_dir}
+    evaluation = read_evaluation(Path(eval_dir))
+    reg = cfg.register
+    base = base_model_location(cfg, Path(prepared_dir))
+    base = str(Path(base).resolve()) if Path(base).is_dir() else base
+    client = MlflowClient()
+    registered, skipped = {}, {}
+    for entry in candidates(cfg):
+        run_dir = run_dirs.get(entry.run_output)
+        if run_dir is None:
+            raise ConfigError(f"register: evaluate.models entry {entry.name} is run_output {entry.run_output}, "
+                              f"which needs --{entry.run_output}-dir")
+        lora_dir = Path(run_dir) / LORA_SUBDIR
+        reason = ("train_dpo.enabled is false" if (lora_dir / DISABLED_FILE).is_file()
+                  else skipped_full_finetune(lora_dir))
+        if reason is not None:
+            log.warning("register: %s skipped: %s", entry.name, reason)
+            skipped[entry.name] = reason
+            continue
+        registered[entry.name] = register_candidate(cfg, entry, lora_dir, evaluation, base, client)
+    champion = next((r["champion_version"] for r in reversed(registered.values())), None)
+    registration = {"model_name": reg.model_name, "champion_version": champion,
+                    "champion_uri": f"models:/{reg.model_name}@{reg.champion_alias}", "base_model": base,
+                    "eval_metrics": evaluation.metrics, "registered": registered, "skipped": skipped}
     write_json(Path(out_dir) / REGISTRATION_FILE, registration)
-    log.info("register: %s v%s is %s; champion: v%s (%s)", reg.model_name, version, reg.alias, champion_now,
-             decision.reason)
-    result = {"registered_version": float(version), "gate.promoted": float(decision.promote)}
-    if decision.win_rate is not None:
-        result.update({"gate.win_rate": decision.win_rate, "gate.ci_low": decision.ci_low,
-                       "gate.ci_high": decision.ci_high})
+    result: dict[str, float] = {"registered_versions": float(len(registered))}
+    for name, info in registered.items():
+        gate = info["gate"]
+        result[f"{name}.version"] = float(info["version"])
+        result[f"{name}.gate.promoted"] = float(gate["promote"])
+        if gate["win_rate"] is not None:
+            result.update({f"{name}.gate.win_rate": gate["win_rate"], f"{name}.gate.ci_low": gate["ci_low"]})
     if tracker is not None:
-        tracker.log_params({"register.version": version, "register.gate": decision.reason})
+        tracker.log_params({f"register.{name}.version": info["version"] for name, info in registered.items()}
+                           | {f"register.{name}.gate": info["gate"]["reason"] for name, info in registered.items()})
     return result
 
 
@@ -235,9 +282,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def body(cfg: Config, args: Any, tracker: Tracker) -> dict[str, float]:
         return run(cfg, prepared_dir=args.prepared_dir, spo_dir=args.spo_dir, eval_dir=args.eval_dir,
-                   out_dir=args.out_dir, tracker=tracker)
+                   out_dir=args.out_dir, tracker=tracker, dpo_dir=args.dpo_dir)
 
-    stage_main("register", argv, ["prepared_dir", "spo_dir", "eval_dir", "out_dir"], body)
+    stage_main("register", argv, ["prepared_dir", "spo_dir", "eval_dir", "out_dir", "dpo_dir?"], body)
 
 
 if __name__ == "__main__":

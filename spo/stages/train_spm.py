@@ -11,14 +11,11 @@ backbone's accuracy on clean images, and the published trainer's clean t = 0 acc
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from spo.atomic_write import atomic_dir, write_json
@@ -45,6 +42,8 @@ from spo.training.spm_inputs import (
     TrainingPairs,
     X0Job,
     X0WorkerSpec,
+    check_rows,
+    data_digest,
     in_process_source,
     pair_loader,
     plan_eval_jobs,
@@ -71,35 +70,9 @@ MAX_PREFETCH_BYTES = 2 * 2**30  # the worker keeps every x̂0 it computed: fine 
 # pairs
 
 
-def check_rows(pairs: TrainingPairs, source: Path) -> None:
-    """Labels and captions of every row used (cheap columns, no images): a row `validate` should have
-    quarantined is named here rather than failing mid-run (e.g. when validate was skipped)."""
-    indices = pairs.train_indices + pairs.eval_indices
-    label_0, label_1 = (pairs.column(c, indices).astype(float) for c in ("label_0", "label_1"))
-    captions = pairs.column("caption", indices)
-    problems = {
-        "label_0/label_1 NaN or inf": ~(np.isfinite(label_0) & np.isfinite(label_1)),
-        "label_0 + label_1 != 1": np.abs(label_0 + label_1 - 1) > 1e-6,
-        "empty caption": np.array([not isinstance(c, str) or not c.strip() for c in captions], dtype=bool),
-    }
-    for what, bad in problems.items():
-        rows = np.flatnonzero(bad)
-        if len(rows):
-            names = [pairs.rows([indices[i]]).index[0] for i in rows[:5]]
-            raise ValueError(f"{source}: {what} at {names} ({len(rows)} rows): run `validate`, which quarantines them")
-
-
 def prefetch_bytes(jobs: Sequence[X0Job], resolution: int) -> int:
     """Memory the prefetching worker's results take: two float32 RGB images per pair of every job."""
     return sum(len(job.indices) for job in jobs) * 2 * 3 * resolution**2 * 4
-
-
-def data_digest(pairs_dir: Path, quarantine: Path | None) -> list:
-    """What identifies the training data for a checkpoint's fingerprint: shard names, sizes, row counts,
-    and the quarantine file's bytes (DVC guarantees the rest: a changed shard changes its size or the run)."""
-    shards = [(p.name, p.stat().st_size, pq.ParquetFile(p).metadata.num_rows) for p in sorted(pairs_dir.glob("*.parquet"))]
-    digest = hashlib.sha256(quarantine.read_bytes()).hexdigest() if quarantine and quarantine.is_file() else None
-    return [shards, digest]
 
 
 # ----------------------------------------------------------------------------------------------------

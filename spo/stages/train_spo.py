@@ -16,27 +16,27 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor
 
 from spo.atomic_write import atomic_dir, write_json
-from spo.config import Config, ConfigError, MissingPathError, TrainSPOConfig, flat_params
+from spo.config import Config, ConfigError, MissingPathError, flat_params, training_seed
 from spo.data.model_locations import base_model_location
 from spo.data.prepared_layout import TRAIN_PROMPTS_FILE
 from spo.data.prompts import read_prompts
-from spo.models.diffusion_model import DiffusionModel, load_diffusion_model
-from spo.models.lora import add_lora, save_full_unet, save_lora
+from spo.models.diffusion_model import load_diffusion_model
+from spo.models.lora import save_full_unet, save_lora
 from spo.models.step_aware_preference_model import StepAwarePreferenceModel
 from spo.stages.stage_cli import stage_main
 from spo.tracking.tracker import Tracker
 from spo.training.checkpoints import CheckpointPolicy, fingerprint
 from spo.training.distributed import Processes, barrier, current_processes
-from spo.training.spo_trainer import ReferenceFn, SPORunOptions, frozen_copy_reference, num_rounds, train_spo
+from spo.training.spo_trainer import SPORunOptions, num_rounds, train_spo
 from spo.training.step_sampling import ScoreFn
+from spo.training.trainable_unet import prepare_unet
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HISTORY_FIELDS = ("step", "epoch", "round", "loss", "clamped_ratio_win", "clamped_ratio_lose", "ratio_win",
                   "ratio_lose", "clip_fraction", "grad_norm", "lr", "pairs_per_second", "peak_memory_gb",
-                  "kept_pair_rate", "num_pairs", "spm_score_mean", "spm_score_std")
+                  "kept_pair_rate", "num_pairs", "spm_score_mean", "spm_score_std", "pairs_seen", "train_seconds")
 CONTINUING_KEYS = ("checkpoint_every", "checkpoint_keep")  # how a run is carried out, not what it computes
 
 
@@ -72,19 +72,6 @@ def summarise(history: list[dict[str, float]], seconds: float, rounds: int) -> d
             "peak_memory_gb": max(h["peak_memory_gb"] for h in history)}
 
 
-def prepare_unet(model: DiffusionModel, spo_cfg: TrainSPOConfig) -> tuple[list[torch.nn.Parameter], ReferenceFn | None]:
-    """The trainable parameters and the reference (None: the LoRA-disabled UNet), after the memory options."""
-    if spo_cfg.attention == "eager":
-        model.unet.set_attn_processor(AttnProcessor())
-    if spo_cfg.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
-    if not spo_cfg.full_finetune:
-        return add_lora(model.unet, spo_cfg), None
-    reference = frozen_copy_reference(model.unet)  # in the model's dtype, before the fp32 master weights
-    model.unet.to(torch.float32).requires_grad_(True)
-    return [p for p in model.unet.parameters()], reference
-
-
 def _digest(path: Path) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file())
     return hashlib.sha256("".join(f"{p.relative_to(path)}:{p.stat().st_size};" for p in files).encode()).hexdigest()
@@ -95,7 +82,7 @@ def checkpoint_policy(cfg: Config, checkpoint_dir: Path, prompts: list[str], spm
     """Resumable only by the same run: same recipe, model, prompts and SPM (any number of processes)."""
     recipe = {k: v for k, v in flat_params(cfg.train_spo).items() if k not in CONTINUING_KEYS}
     return CheckpointPolicy(Path(checkpoint_dir), cfg.train_spo.checkpoint_every, fingerprint(
-        recipe, flat_params(cfg.model), cfg.seed, model_location, prompts, _digest(spm_dir)),
+        recipe, flat_params(cfg.model), training_seed(cfg, cfg.train_spo), model_location, prompts, _digest(spm_dir)),
         keep=cfg.train_spo.checkpoint_keep, unit="round")
 
 
@@ -122,7 +109,8 @@ def run(cfg: Config, *, prepared_dir: Path, spm_dir: Path, out_dir: Path, tracke
         checkpoint_dir: Path | None = None, resume_from: Path | None = None) -> dict[str, float]:
     """Fine-tune with SPO; write out_dir/lora, history.csv and metrics.json atomically (main process)."""
     spo_cfg = cfg.train_spo
-    torch.manual_seed(cfg.seed)
+    seed = training_seed(cfg, spo_cfg)
+    torch.manual_seed(seed)
     processes: Processes = current_processes()
     device = processes.device
     location = base_model_location(cfg, prepared_dir)
@@ -144,7 +132,7 @@ def run(cfg: Config, *, prepared_dir: Path, spm_dir: Path, out_dir: Path, tracke
                             -(-(spo_cfg.pairs_per_step // processes.world_size) // spo_cfg.pairs_per_batch)})
     start = time.perf_counter()
     history = train_spo(model, spm_scorer(spm), prompts, params, spo_cfg, resolution=cfg.model.resolution,
-                        seed=cfg.seed, tracker=tracker,
+                        seed=seed, tracker=tracker,
                         options=SPORunOptions(processes=processes, checkpoints=policy, resume=resume,
                                               reference=reference))
     metrics = summarise(history, time.perf_counter() - start, rounds)

@@ -80,6 +80,12 @@ CPU_OVERRIDES = {
     "train_spo.max_prompts": 2, "train_spo.num_epochs": 1, "train_spo.prompts_per_round": 2,
     "train_spo.prompts_per_rollout": 2, "train_spo.pairs_per_step": 8, "train_spo.pairs_per_batch": 4,
     "train_spo.threshold": 0.0, "train_spo.mixed_precision": "fp32", "train_spo.checkpoint_every": 1,
+    # DPO: 2 steps of 4 pairs at the profile's beta (and the sd15 recipe's full fine-tune), checkpointed
+    "train_dpo.max_steps": 2, "train_dpo.pairs_per_step": 4, "train_dpo.pairs_per_batch": 2,
+    "train_dpo.mixed_precision": "fp32", "train_dpo.gradient_checkpointing": False, "train_dpo.checkpoint_every": 1,
+    "train_dpo.lr_warmup_steps": 0,
+    # the learning curve: its first and last point, 2 prompts, the stand-in PickScore (set below)
+    "learning_curve.points": 1, "learning_curve.num_prompts": 2, "learning_curve.batch_size": 2,
     # evaluate: the protocol (DDIM 20, CFG 5) on 2 prompts; fewer bootstrap resamples
     "evaluate.num_prompts": 2, "evaluate.batch_size": 2, "evaluate.score_batch_size": 4, "evaluate.grid_prompts": 2,
     "evaluate.bootstrap_resamples": 200,
@@ -170,6 +176,7 @@ def profile_overrides(standins: StandIns, profile: str) -> list[str]:
         "prepare.data_dir": standins.pickapic,
     }
     overrides = [f"{key}={_value(value)}" for key, value in {**models, **CPU_OVERRIDES}.items()]
-    entries = ", ".join("{" + ", ".join(f"{k}: {_value(Path(v)) if Path(v).exists() else v}" for k, v in e.items())
-                        + "}" for e in scorer_entries(standins.scorers))
-    return [*overrides, f"evaluate.scorers=[{entries}]"]
+    entries = ["{" + ", ".join(f"{k}: {_value(Path(v)) if Path(v).exists() else v}" for k, v in e.items()) + "}"
+               for e in scorer_entries(standins.scorers)]
+    pickscore = [e for e in entries if e.startswith("{name: pickscore")]
+    return [*overrides, f"evaluate.scorers=[{', '.join(entries)}]", f"learning_curve.scorers=[{', '.join(pickscore)}]"]

@@ -9,6 +9,7 @@ Either way job i gives the same x̂0, so the result does not depend on where it 
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 
 from spo.data.pair_shards import PairShards
@@ -107,6 +109,32 @@ class TrainingPairs:
         train = np.asarray(self.train.column(name))
         values = np.concatenate([train, np.asarray(self.eval.column(name))]) if self.eval is not None else train
         return values[np.asarray(indices, dtype=int)] if len(indices) else values[:0]
+
+
+def check_rows(pairs: TrainingPairs, source: Path) -> None:
+    """Labels and captions of every row used (cheap columns, no images): a row `validate` should have
+    quarantined is named here rather than failing mid-run (e.g. when validate was skipped)."""
+    indices = pairs.train_indices + pairs.eval_indices
+    label_0, label_1 = (pairs.column(c, indices).astype(float) for c in ("label_0", "label_1"))
+    captions = pairs.column("caption", indices)
+    problems = {
+        "label_0/label_1 NaN or inf": ~(np.isfinite(label_0) & np.isfinite(label_1)),
+        "label_0 + label_1 != 1": np.abs(label_0 + label_1 - 1) > 1e-6,
+        "empty caption": np.array([not isinstance(c, str) or not c.strip() for c in captions], dtype=bool),
+    }
+    for what, bad in problems.items():
+        rows = np.flatnonzero(bad)
+        if len(rows):
+            names = [pairs.rows([indices[i]]).index[0] for i in rows[:5]]
+            raise ValueError(f"{source}: {what} at {names} ({len(rows)} rows): run `validate`, which quarantines them")
+
+
+def data_digest(pairs_dir: Path, quarantine: Path | None) -> list:
+    """What identifies the training data for a checkpoint's fingerprint: shard names, sizes, row counts,
+    and the quarantine file's bytes (DVC guarantees the rest: a changed shard changes its size or the run)."""
+    shards = [(p.name, p.stat().st_size, pq.ParquetFile(p).metadata.num_rows) for p in sorted(pairs_dir.glob("*.parquet"))]
+    digest = hashlib.sha256(quarantine.read_bytes()).hexdigest() if quarantine and quarantine.is_file() else None
+    return [shards, digest]
 
 
 def holdout_split(num_pairs: int, seed: int) -> tuple[list[int], list[int]]:

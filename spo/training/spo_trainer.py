@@ -13,18 +13,16 @@ and a resumed run the steps of an uninterrupted one.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 import random
 import resource
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import UNet2DConditionModel
 
 from spo.config import TrainSPOConfig
 from spo.diffusion.conditioning import PromptConditioning
@@ -32,11 +30,11 @@ from spo.diffusion.ddim import ddim_step, gaussian_log_prob
 from spo.diffusion.guidance import guided_noise_pred
 from spo.diffusion.sampling import latent_shape
 from spo.models.diffusion_model import DiffusionModel
-from spo.models.lora import adapter_disabled
 from spo.tracking.progress import progress
 from spo.tracking.tracker import Tracker
 from spo.training.checkpoints import CheckpointPolicy
 from spo.training.distributed import Processes, average_gradients, gather_rows, global_sum
+from spo.training.learning_curve import LearningCurve
 from spo.training.spo_loss import spo_loss
 from spo.training.step_sampling import (
     RolloutSettings,
@@ -47,6 +45,7 @@ from spo.training.step_sampling import (
     prompt_generators,
     rollout_pairs,
 )
+from spo.training.trainable_unet import ReferenceFn, lora_reference
 
 ONE_PROCESS = Processes(rank=0, world_size=1, device=torch.device("cpu"))
 SCORE_BUCKET = 250  # SPM score statistics per timestep bucket [0, 250), [250, 500), ...
@@ -58,24 +57,6 @@ class PairLogProbs:
     policy_lose: torch.Tensor
     ref_win: torch.Tensor  # (N,) no grad
     ref_lose: torch.Tensor
-
-
-ReferenceFn = Callable[[], AbstractContextManager[UNet2DConditionModel]]
-
-
-def lora_reference(model: DiffusionModel) -> ReferenceFn:
-    """The frozen base is the policy UNet with its LoRA off: no second copy in memory."""
-    return lambda: adapter_disabled(model.unet)
-
-
-def frozen_copy_reference(unet: UNet2DConditionModel) -> ReferenceFn:
-    """Full fine-tuning: the reference is a frozen copy of the UNet as it was before training."""
-    frozen = copy.deepcopy(unet).requires_grad_(False).eval()
-
-    @contextmanager
-    def use() -> Iterator[UNet2DConditionModel]:
-        yield frozen
-    return use
 
 
 def rollout_settings(cfg: TrainSPOConfig) -> RolloutSettings:
@@ -271,6 +252,7 @@ class SPORunOptions:
     checkpoints: CheckpointPolicy | None = None
     resume: dict | None = None  # a checkpoint's state (CheckpointPolicy.latest) to continue from
     reference: ReferenceFn | None = None  # None: the LoRA-disabled UNet
+    curve: LearningCurve | None = None  # measured before the first round and after the planned ones
     history: list[dict[str, float]] = field(default_factory=list)  # appended to, one row per optimizer step
 
 
@@ -328,6 +310,7 @@ def train_spo(model: DiffusionModel, score_fn_for: Callable[[list[str]], ScoreFn
     ctx = StepContext(params, optimizer, make_scheduler(optimizer, cfg), autocast_for(cfg, model.device),
                       options.reference, scaler, procs)
     history, step, first_round = options.history, 0, 0
+    train_seconds, pairs_seen, curve = 0.0, 0, options.curve
     if options.resume is not None:
         state = options.resume
         with torch.no_grad():
@@ -340,12 +323,19 @@ def train_spo(model: DiffusionModel, score_fn_for: Callable[[list[str]], ScoreFn
         _set_rng_state(state["rng"])
         history[:] = list(state["history"])
         step, first_round = int(state["optimizer_steps"]), int(state["round"])
+        train_seconds, pairs_seen = float(state.get("train_seconds", 0.0)), int(state.get("pairs_seen", 0))
+        if curve is not None:
+            curve.rows[:] = list(state.get("curve", []))
     uncond = model.encode_negative(resolution)
     total_rounds = num_rounds(len(prompts), cfg)
+    if curve is not None:
+        curve.maybe_measure(model, first_round, step=step, train_seconds=train_seconds, pairs_seen=pairs_seen,
+                            is_main=procs.is_main)
     bar = progress(prompt_rounds(prompts, cfg, seed), desc="train_spo", total=total_rounds, unit="round")
     for round_idx, (epoch, round_prompts) in enumerate(bar):
         if round_idx < first_round:
             continue
+        round_start = time.perf_counter()
         cond = model.encode_prompts(round_prompts, resolution)
         model.unet.eval()
         local, stats = rollout_round(model, cond, uncond, cfg, score_fn_for(round_prompts), resolution=resolution,
@@ -363,6 +353,9 @@ def train_spo(model: DiffusionModel, score_fn_for: Callable[[list[str]], ScoreFn
                 logs = train_step(model, mine.select(chunk.to(mine.timesteps.device)), cond, uncond, cfg, ctx)
                 logs["peak_memory_gb"] = peak_memory_gb(model.device)
                 step += 1
+                pairs_seen += len(chunk) * procs.world_size
+                logs["pairs_seen"] = float(pairs_seen)
+                logs["train_seconds"] = train_seconds + time.perf_counter() - round_start
                 if procs.is_main:
                     tracker.log_metrics(logs, step=step)
                 history.append({"step": step, "epoch": epoch, "round": round_idx, **logs,
@@ -372,10 +365,16 @@ def train_spo(model: DiffusionModel, score_fn_for: Callable[[list[str]], ScoreFn
         bar.set_postfix(epoch=epoch, kept=f"{round_logs['kept_pair_rate']:.2f}", step=step,
                         loss=f"{history[-1]['loss']:.4f}" if history else "-", refresh=False)
         done = round_idx + 1
+        train_seconds += time.perf_counter() - round_start
+        if curve is not None:
+            curve.maybe_measure(model, done, step=step, train_seconds=train_seconds, pairs_seen=pairs_seen,
+                                is_main=procs.is_main)
         if options.checkpoints is not None and options.checkpoints.due(done, total_rounds) and procs.is_main:
             options.checkpoints.save(done, {
                 "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
                 "scheduler": ctx.scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
-                "rng": _rng_state(), "history": list(history), "optimizer_steps": step, "round": done})
+                "rng": _rng_state(), "history": list(history), "optimizer_steps": step, "round": done,
+                "train_seconds": train_seconds, "pairs_seen": pairs_seen,
+                "curve": list(curve.rows) if curve is not None else []})
     model.unet.eval()
     return history
