@@ -29,6 +29,7 @@ from spo.stages.stage_cli import stage_main
 from spo.tracking.tracker import Tracker
 from spo.training.checkpoints import CheckpointPolicy, fingerprint
 from spo.training.distributed import Processes, barrier, current_processes
+from spo.training.learning_curve import CURVE_FILE, learning_curve
 from spo.training.spo_trainer import SPORunOptions, num_rounds, train_spo
 from spo.training.step_sampling import ScoreFn
 from spo.training.trainable_unet import prepare_unet
@@ -82,7 +83,7 @@ def checkpoint_policy(cfg: Config, checkpoint_dir: Path, prompts: list[str], spm
     """Resumable only by the same run: same recipe, model, prompts and SPM (any number of processes)."""
     recipe = {k: v for k, v in flat_params(cfg.train_spo).items() if k not in CONTINUING_KEYS}
     return CheckpointPolicy(Path(checkpoint_dir), cfg.train_spo.checkpoint_every, fingerprint(
-        recipe, flat_params(cfg.model), training_seed(cfg, cfg.train_spo), model_location, prompts, _digest(spm_dir)),
+        recipe, flat_params(cfg.model), flat_params(cfg.learning_curve), training_seed(cfg, cfg.train_spo), model_location, prompts, _digest(spm_dir)),
         keep=cfg.train_spo.checkpoint_keep, unit="round")
 
 
@@ -125,6 +126,8 @@ def run(cfg: Config, *, prepared_dir: Path, spm_dir: Path, out_dir: Path, tracke
     policy = checkpoint_policy(cfg, checkpoint_dir, prompts, spm_dir, location) if checkpoint_dir else None
     resume = resume_state(policy, resume_from)
     rounds = num_rounds(len(prompts), spo_cfg)
+    curve = learning_curve(cfg, prepared_dir=Path(prepared_dir), total=rounds, device=device, tracker=tracker,
+                           is_main=processes.is_main)
     tracker.log_params({**flat_params(spo_cfg, "train_spo."), "train_spo.num_prompts": len(prompts),
                         "train_spo.trainable_params": sum(p.numel() for p in params),
                         "train_spo.num_processes": processes.world_size,
@@ -134,8 +137,9 @@ def run(cfg: Config, *, prepared_dir: Path, spm_dir: Path, out_dir: Path, tracke
     history = train_spo(model, spm_scorer(spm), prompts, params, spo_cfg, resolution=cfg.model.resolution,
                         seed=seed, tracker=tracker,
                         options=SPORunOptions(processes=processes, checkpoints=policy, resume=resume,
-                                              reference=reference))
-    metrics = summarise(history, time.perf_counter() - start, rounds)
+                                              reference=reference, curve=curve))
+    metrics = summarise(history, time.perf_counter() - start - curve.seconds_spent, rounds)
+    metrics["curve_seconds"] = curve.seconds_spent
     metrics["num_processes"] = float(processes.world_size)
     if resume is not None:
         metrics["resumed_from_round"] = float(resume["round"])
@@ -146,6 +150,7 @@ def run(cfg: Config, *, prepared_dir: Path, spm_dir: Path, out_dir: Path, tracke
             else:
                 save_lora(model.unet, tmp / "lora", architecture=model.architecture)
             write_history(tmp / "history.csv", history)
+            curve.write(tmp / CURVE_FILE)
             write_json(tmp / "metrics.json", metrics)
         tracker.log_metrics({f"train_spo.{k}": v for k, v in metrics.items()})
         if policy is not None:
