@@ -177,7 +177,9 @@ def test_run_local_whole_dag_on_tiny_digits(tmp_path, mlflow_db, monkeypatch):
     assert len(registered) == 1
     reports = [p for p in (tmp_path / "kfp").rglob("report") if p.parent.name == "evaluate"]  # its HTML output
     assert len(reports) == 1 and 'data-model="spo"' in reports[0].read_text()
-    assert json.loads(registered[0].read_text())["parent_run_id"] == parents[0].info.run_id
+    registration = json.loads(registered[0].read_text())
+    assert set(registration["registered"]) == {"spo", "dpo"}  # train_dpo ran beside train_spo, both gated
+    assert registration["registered"]["spo"]["parent_run_id"] == parents[0].info.run_id
 
 
 def test_components_import_without_the_pipeline_module():
