@@ -28,11 +28,25 @@ from spo.config import (
 DEFAULT_PACKAGE = "spo_pipeline.yaml"
 
 
-def params_yaml(params: Path | None, profile: str | None, overrides: list[str]) -> str:
-    """The validated config as one line of YAML (what the pipeline's `params_yaml` parameter receives).
+def package_params(package: Path) -> dict:
+    """The config a compiled package was built with (its `params_yaml` default)."""
+    try:
+        spec = next(yaml.safe_load_all(Path(package).read_text()))
+        return yaml.safe_load(spec["root"]["inputDefinitions"]["parameters"]["params_yaml"]["defaultValue"])
+    except (OSError, yaml.YAMLError, StopIteration, KeyError, TypeError) as err:
+        raise ConfigError(f"--package {package}: not a compiled spo pipeline ({type(err).__name__}: {err})") from None
+
+
+def params_yaml(params: Path | None, profile: str | None, overrides: list[str], package: Path | None = None) -> str:
+    """The validated config as one line of YAML (what the pipeline's `params_yaml` parameter receives):
+    from --profile, --params, else a --package's own config, else params.yaml; then the overrides.
     Bad input (file, YAML, key, value, or a profile that cannot run yet) is a ConfigError naming it."""
-    path = profile_path(profile) if profile else (params or Path("params.yaml"))
-    data = apply_overrides(read_params(path), overrides)
+    if package is not None and not (params or profile):
+        path, raw = package, package_params(package)
+    else:
+        path = profile_path(profile) if profile else (params or Path("params.yaml"))
+        raw = read_params(path)
+    data = apply_overrides(raw, overrides)
     try:
         cfg = config_from_dict(data, require_implemented=False)
     except ConfigError as err:
@@ -43,39 +57,59 @@ def params_yaml(params: Path | None, profile: str | None, overrides: list[str]) 
     return yaml.safe_dump(data, default_flow_style=True, width=float("inf"), sort_keys=False).strip()
 
 
-def compile_pipeline(output: Path, config_text: str) -> Path:
+def compile_pipeline(output: Path, config_text: str, image: str | None = None) -> Path:
+    """Write the pipeline package for a cluster: pod settings from the config's `cluster` section, the
+    image from `image` or cluster.image. Refuses a config without an MLflow server (ConfigError)."""
     from kfp import compiler
 
-    from pipelines.spo_pipeline import spo_pipeline
+    from pipelines.spo_pipeline import build_pipeline
 
-    compiler.Compiler().compile(spo_pipeline, str(output), pipeline_parameters={"params_yaml": config_text})
+    cluster = config_from_dict(yaml.safe_load(config_text), require_implemented=False).cluster
+    if not cluster.mlflow_tracking_uri:
+        raise ConfigError("cluster.mlflow_tracking_uri: required to compile for a cluster (each pod would "
+                          "otherwise write to a sqlite file of its own); e.g. "
+                          "-S cluster.mlflow_tracking_uri=http://mlflow.mlflow.svc.cluster.local:5000")
+    compiler.Compiler().compile(build_pipeline(cluster, image), str(output),
+                                pipeline_parameters={"params_yaml": config_text})
     return output
 
 
-def submit(args: argparse.Namespace, config_text: str) -> str:
-    """Compile (unless --package is given) and start a run; returns the run id."""
-    import kfp
+def submit(args: argparse.Namespace, config_text: str) -> int:
+    """Compile (unless --package is given), start a run (pipelines/submit.py) and print its UI link."""
+    from pipelines.submit import SubmitError, submit_run
 
     with tempfile.TemporaryDirectory() as tmp:
-        package = args.package or compile_pipeline(Path(tmp) / DEFAULT_PACKAGE, config_text)
-        client = kfp.Client(host=args.host, existing_token=os.environ.get("KFP_TOKEN") or None,
-                            namespace=os.environ.get("KFP_NAMESPACE", "kubeflow"))
-        result = client.create_run_from_pipeline_package(
-            str(package), arguments={"params_yaml": config_text}, run_name=args.run_name,
-            experiment_name=args.experiment, enable_caching=not args.no_cache)
-    return result.run_id
+        try:
+            package = args.package or compile_pipeline(Path(tmp) / DEFAULT_PACKAGE, config_text, args.image)
+            run = submit_run(args.host, package, {"params_yaml": config_text}, experiment=args.experiment,
+                             run_name=args.run_name, namespace=args.namespace, auth=args.auth,
+                             enable_caching=False if args.no_cache else None, ui_url=args.ui_url)
+        except (ConfigError, SubmitError) as err:
+            print(f"spo pipeline submit: {err}", file=sys.stderr)
+            return getattr(err, "exit_code", 2)
+    print(f"submitted run {run.run_id} to experiment {args.experiment}: {run.url}")
+    return 0
 
 
 def run_local(pipeline_root: Path, config_text: str) -> dict[str, str]:
     """Run the whole DAG in subprocesses of this environment (kfp.local; GPU requests are ignored)."""
+    import uuid
+
     from kfp import local
 
-    from pipelines.spo_pipeline import spo_pipeline
+    from pipelines.spo_pipeline import build_pipeline
+    from spo.stages.stage_cli import CHECKPOINT_ROOT_ENV
+    from spo.tracking.mlflow_tracker import KFP_RUN_ENV
 
+    cluster = config_from_dict(yaml.safe_load(config_text), require_implemented=False).cluster
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    # what a cluster's pods get from their label and the PVC: this run's id, a checkpoint root
+    os.environ[KFP_RUN_ENV] = f"local-{uuid.uuid4().hex[:12]}"
+    os.environ[CHECKPOINT_ROOT_ENV] = os.environ.get(CHECKPOINT_ROOT_ENV) or str(Path(pipeline_root).absolute() / "checkpoints")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
-    spo_pipeline(params_yaml=config_text)
-    return {"pipeline_root": str(pipeline_root), "mlflow": os.environ["MLFLOW_TRACKING_URI"]}
+    build_pipeline(cluster, on_cluster=False)(params_yaml=config_text)
+    return {"pipeline_root": str(pipeline_root), "mlflow": os.environ["MLFLOW_TRACKING_URI"],
+            "kfp_run_id": os.environ[KFP_RUN_ENV]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,12 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     comp = sub.add_parser("compile", parents=[config], help="write the pipeline package (YAML)")
     comp.add_argument("--output", type=Path, default=Path(DEFAULT_PACKAGE))
+    comp.add_argument("--image", default=None, help="the component image (default: cluster.image)")
     sub_run = sub.add_parser("submit", parents=[config], help="start a run on a Kubeflow Pipelines server")
-    sub_run.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example/pipeline")
-    sub_run.add_argument("--experiment", default="spo", help="KFP experiment name (default: spo)")
-    sub_run.add_argument("--run-name", default=None)
+    sub_run.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")
+    sub_run.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user KFP; "
+                         "default: $KFP_NAMESPACE)")
+    sub_run.add_argument("--experiment", default="spo", help="KFP experiment name, created when missing (default: spo)")
+    sub_run.add_argument("--run-name", default=None, help="the run's display name (default: package name and time)")
+    sub_run.add_argument("--auth", choices=("token", "in-cluster", "none"), default=None,
+                         help="token: bearer token from $KFP_TOKEN; in-cluster: this pod's ServiceAccount token; "
+                         "none (default: token if KFP_TOKEN is set, else none)")
     sub_run.add_argument("--package", type=Path, default=None, help="a compiled package (default: compile now)")
-    sub_run.add_argument("--no-cache", action="store_true", help="disable KFP caching for this run")
+    sub_run.add_argument("--image", default=None, help="the component image when compiling (default: cluster.image)")
+    sub_run.add_argument("--no-cache", action="store_true", help="disable KFP caching for every task of this run")
+    sub_run.add_argument("--ui-url", default=None, help="KFP UI address for the printed link (default: --host)")
     local = sub.add_parser("run-local", parents=[config], help="run the whole DAG here with kfp.local")
     local.add_argument("--pipeline-root", type=Path, default=Path("outputs/kfp-local"))
     return parser
@@ -103,14 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config_text = params_yaml(args.params, args.profile, args.overrides)
+        config_text = params_yaml(args.params, args.profile, args.overrides, getattr(args, "package", None))
     except ConfigError as err:
         print(f"spo pipeline {args.command}: {err}", file=sys.stderr)
         return 2
     if args.command == "compile":
-        print(f"wrote {compile_pipeline(args.output, config_text)}")
+        try:
+            print(f"wrote {compile_pipeline(args.output, config_text, args.image)}")
+        except ConfigError as err:
+            print(f"spo pipeline compile: {err}", file=sys.stderr)
+            return 2
     elif args.command == "submit":
-        print(f"submitted run {submit(args, config_text)} to {args.host}")
+        return submit(args, config_text)
     else:
         for key, value in run_local(args.pipeline_root, config_text).items():
             print(f"{key}: {value}")

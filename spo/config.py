@@ -37,7 +37,9 @@ from pydantic import (
 )
 from pydantic.dataclasses import dataclass
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+from spo.asset_paths import asset_root
+
+PROFILES_DIR = asset_root() / "profiles"  # the checkout's, or an installed copy's (spo/asset_paths.py)
 
 # What a whole profile cannot run yet: dotted key -> (the values that run, what any other value needs);
 # the issue that builds one deletes its line. Empty now: every profile loads. What one stage cannot do
@@ -361,6 +363,104 @@ class TrackingConfig:
     experiment: Name
 
 
+# Kubernetes quantities as kfp-kubernetes writes them ("8", "500m", "64G", "64Gi")
+Quantity = Annotated[StrictStr, Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")]
+Label = Annotated[StrictStr, Field(min_length=1, max_length=316, pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$")]
+
+
+def _server_tracking_uri(value: str | None) -> str | None:
+    """Pods cannot share a sqlite file or a local directory: on a cluster MLflow must be a server."""
+    if value is not None and not value.startswith(("http://", "https://", "databricks")):
+        raise ValueError("must be an MLflow server (http(s)://host:port or databricks): every pod of a run "
+                         "writes to it, and a sqlite file or local directory is private to one pod")
+    return value
+
+
+@section
+class Toleration:
+    key: Name
+    operator: Literal["Exists", "Equal"]
+    value: StrictStr | None  # null with operator Exists
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None  # null: every effect
+
+
+@section
+class StageResources:
+    """What one KFP task asks of Kubernetes. gpus > 1 runs the stage in that many processes on one node
+    (accelerate); nodes > 1 (training stages only) runs it as a Kubeflow Trainer TrainJob of that many
+    nodes of `gpus` each."""
+
+    gpus: Count
+    nodes: PositiveInt
+    cpu: Quantity  # request
+    memory: Quantity  # request
+    cpu_limit: Quantity | None
+    memory_limit: Quantity | None
+
+
+@section
+class ClusterStages:
+    prepare: StageResources
+    validate: StageResources
+    train_spm: StageResources
+    train_spo: StageResources
+    train_dpo: StageResources
+    evaluate: StageResources
+    register: StageResources
+
+    @model_validator(mode="after")
+    def _multi_node_only_for_training(self):
+        for name in ("prepare", "validate", "evaluate", "register"):
+            if getattr(self, name).nodes != 1:
+                raise ValueError(f"{name}.nodes: only the training stages run on more than one node")
+        for name in ("train_spm", "train_spo", "train_dpo"):
+            stage = getattr(self, name)
+            if stage.nodes > 1 and stage.gpus < 1:
+                raise ValueError(f"{name}: a multi-node TrainJob needs gpus >= 1 per node")
+        return self
+
+
+@section
+class DistributedJobConfig:
+    """How a stage with nodes > 1 runs: a Kubeflow Trainer v2 TrainJob (Trainer >= 2.2), or a v1
+    PyTorchJob (Training Operator 1.9) on older clusters."""
+
+    kind: Literal["TrainJob", "PyTorchJob"]
+    runtime: Name  # the ClusterTrainingRuntime of a TrainJob
+    timeout_s: PositiveInt  # the job's activeDeadlineSeconds and the launcher's wait
+
+
+@section
+class ClusterConfig:
+    """Compile-time settings of the Kubeflow pipeline (`spo pipeline compile`): not read by any stage, so
+    changing them never changes a stage's output or its cache key. Secrets are named, never given: the
+    values stay in Kubernetes and reach pods as env."""
+
+    image: Name  # `spo pipeline compile --image` overrides it
+    mlflow_tracking_uri: Annotated[Name | None, AfterValidator(_server_tracking_uri)]  # None: run-local only
+    mlflow_credentials_secret: Name | None  # keys `username`, `password` -> MLFLOW_TRACKING_USERNAME/PASSWORD
+    hf_token_secret: Name | None  # key `token` -> HF_TOKEN
+    kfp_ui_url: Name | None  # tags each MLflow run with a link to its KFP run
+    pvc: Name | None  # ReadWriteMany claim for the HF cache and training checkpoints (retries resume there)
+    mount_path: Name
+    gpu_resource: Name  # the accelerator type KFP requests, e.g. nvidia.com/gpu
+    gpu_node_selector: dict[Label, Label]
+    gpu_tolerations: tuple[Toleration, ...]
+    shm_size: Quantity  # memory-backed /dev/shm of GPU tasks (NCCL, data loaders)
+    training_retries: Count
+    retry_backoff_s: PositiveInt
+    distributed: DistributedJobConfig
+    stages: ClusterStages
+
+    @model_validator(mode="after")
+    def _multi_node_needs_a_shared_volume(self):
+        multi = [name for name in ("train_spm", "train_spo", "train_dpo") if getattr(self.stages, name).nodes > 1]
+        if multi and not self.pvc:
+            raise ValueError(f"stages.{multi[0]}.nodes > 1 needs pvc: a ReadWriteMany claim the nodes share "
+                             "(inputs, checkpoints, the output)")
+        return self
+
+
 @section
 class Config:
     profile: Annotated[StrictStr, AfterValidator(_known_profile)]
@@ -379,6 +479,7 @@ class Config:
     evaluate: EvaluateConfig
     register: RegisterConfig
     tracking: TrackingConfig
+    cluster: ClusterConfig
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -555,6 +656,71 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | None = 
     return check_implemented(cfg) if require_implemented else cfg
 
 
+class AbsentSection:
+    """A config section a stage was not given (see `config_view`). Reading from it means the stage reads
+    a section its STAGE_SECTIONS entry does not list: a bug, named here, not a silent default."""
+
+    def __init__(self, name: str) -> None:
+        object.__setattr__(self, "_section", name)
+
+    def __getattr__(self, attr: str):
+        raise AttributeError(f"config section {self._section!r} was not passed to this stage (add it to "
+                             f"spo.stages.STAGE_SECTIONS), but {self._section}.{attr} was read")
+
+    def __repr__(self) -> str:
+        return f"AbsentSection({self._section!r})"
+
+
+def view_data(data: dict, sections: tuple[str, ...]) -> dict:
+    """The raw mapping of a config view: only `sections` (all of which must be present)."""
+    missing = [name for name in sections if name not in data]
+    if missing:
+        raise ConfigError(f"missing config key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    return {name: data[name] for name in sections}
+
+
+def config_view(data: dict, sections: tuple[str, ...]) -> Config:
+    """A Config holding only `sections`, each validated as strictly as in a whole config; the others are
+    AbsentSection. KFP passes each stage such a view (its STAGE_SECTIONS), so the stage's cache key
+    depends only on what shapes its output."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping of sections at the top level, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(data) - names)
+    extra = sorted(set(data) & names - set(sections))
+    if unknown or extra:
+        raise ConfigError("; ".join([f"unknown config key {k}" for k in unknown] + (
+            [f"config key{'s' if len(extra) > 1 else ''} {', '.join(extra)} not part of this view "
+             f"({', '.join(sections)})"] if extra else [])))
+    view_data(data, sections)
+    hints = get_type_hints(Config, include_extras=True)
+    cfg = object.__new__(Config)
+    problems = []
+    for field in dataclasses.fields(Config):
+        if field.name not in sections:
+            object.__setattr__(cfg, field.name, AbsentSection(field.name))
+            continue
+        try:
+            value = TypeAdapter(hints[field.name]).validate_python(data[field.name])  # sections: own config
+        except ValidationError as err:
+            problems.append(describe_at(field.name, err))
+            continue
+        object.__setattr__(cfg, field.name, value)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return cfg
+
+
+def describe_at(name: str, error: ValidationError) -> str:
+    """`describe` for an error of one section validated alone: dotted keys start with the section."""
+    errors = error.errors(include_url=False)
+    for e in errors:
+        e["loc"] = (name, *e["loc"])
+    return "; ".join(f"unknown config key {_dotted(e['loc'])}" if e["type"] == "unexpected_keyword_argument"
+                     else f"missing config key {_dotted(e['loc'])}" if e["type"] == "missing" else _problem(e)
+                     for e in errors)
+
+
 def profile_path(name: str) -> Path:
     path = PROFILES_DIR / f"{name}.yaml"
     if not path.is_file():
@@ -576,12 +742,14 @@ def flat_params(cfg: Any, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        if isinstance(value, AbsentSection):  # a stage's config view (config_view)
+            continue
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             out.update(flat_params(value, key + "."))
         elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
-            for entry in value:  # a list section (evaluate.models): one param per entry, keyed by its name
-                out[f"{key}.{entry.name}"] = ",".join(f"{k}={v}" for k, v in dataclasses.asdict(entry).items()
+            for i, entry in enumerate(value):  # a list section (evaluate.models): one param per entry, by name
+                out[f"{key}.{getattr(entry, 'name', i)}"] = ",".join(f"{k}={v}" for k, v in dataclasses.asdict(entry).items()
                                                        if v is not None and k != "name") or "-"
         else:
             out[key] = list(value) if isinstance(value, tuple) else value

@@ -1,6 +1,5 @@
 """The `spo` command: stage dispatch, config errors naming the key, profiles, pipeline dispatch."""
 
-import os
 import subprocess
 import sys
 
@@ -162,8 +161,9 @@ def test_profile_use_refuses_a_bad_profile_and_keeps_params(tmp_path, monkeypatc
 def test_pipeline_dispatch_compiles(tmp_path):
     pytest.importorskip("kfp")
     out = tmp_path / "spo.yaml"
-    assert cli.main(["pipeline", "compile", "--params", PARAMS, "--output", str(out)]) == 0
-    assert yaml.safe_load(out.read_text())["pipelineInfo"]["name"] == "spo-pipeline"
+    assert cli.main(["pipeline", "compile", "--params", PARAMS, "--output", str(out),
+                     "-S", "cluster.mlflow_tracking_uri=http://mlflow:5000"]) == 0
+    assert next(yaml.safe_load_all(out.read_text()))["pipelineInfo"]["name"] == "spo-pipeline"
 
 
 @pytest.mark.parametrize("kind", ["list", "latin1", "yaml", "missing", "override", "sd15"])
@@ -185,13 +185,13 @@ def test_pipeline_compile_with_bad_input_is_one_line_exit_2(kind, tmp_path, caps
     assert not out.exists()
 
 
-def test_component_image_comes_from_the_environment(tmp_path):
+def test_component_image_is_a_compile_option(tmp_path):
     pytest.importorskip("kfp")
     out = tmp_path / "spo.yaml"
-    env = {"SPO_COMPONENT_IMAGE": "registry.example/spo:test", "PATH": "/usr/bin:/bin"}
-    subprocess.run([sys.executable, "-m", "spo.cli", "pipeline", "compile", "--params", PARAMS, "--output", str(out)],
-                   check=True, env=env, cwd=REPO_ROOT, capture_output=True)
-    executors = yaml.safe_load(out.read_text())["deploymentSpec"]["executors"]
+    subprocess.run([sys.executable, "-m", "spo.cli", "pipeline", "compile", "--params", PARAMS, "--output", str(out),
+                    "--image", "registry.example/spo:test", "-S", "cluster.mlflow_tracking_uri=http://mlflow:5000"],
+                   check=True, cwd=REPO_ROOT, capture_output=True)
+    executors = next(yaml.safe_load_all(out.read_text()))["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {"registry.example/spo:test"}
 
 
@@ -203,15 +203,21 @@ def test_ci_runs_the_readme_test_command():
     assert ci[-1] == quickstart[1] == "python -m pytest -q"
 
 
-def test_component_config_nests_under_the_parent_and_pins_threads(monkeypatch):
-    """What every KFP component does first (spo.stages.stage_cli.component_config)."""
+def test_component_config_reads_the_stages_view_and_pins_threads(monkeypatch):
+    """What every KFP stage component does first (spo.stages.stage_cli.component_config): its sections
+    only (a section it was not given fails by name when read), torch's threads pinned."""
     import torch
 
+    from spo.config import view_data
+    from spo.stages import STAGE_SECTIONS
     from spo.stages.stage_cli import component_config
 
-    monkeypatch.setenv("SPO_PARENT_RUN_ID", "unset")  # so monkeypatch restores what component_config sets
     monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
     calls: list[int] = []
     params = yaml.safe_load((REPO_ROOT / "profiles" / "digits.yaml").read_text())
-    cfg = component_config(yaml.safe_dump(params), "run-123")
-    assert os.environ["SPO_PARENT_RUN_ID"] == "run-123" and calls == [cfg.torch_threads] == [1]
+    cfg = component_config(yaml.safe_dump(view_data(params, STAGE_SECTIONS["train_spo"])), "train_spo")
+    assert cfg.train_spo.beta == 10.0 and calls == [cfg.torch_threads] == [1]
+    with pytest.raises(AttributeError, match="config section 'evaluate' was not passed to this stage"):
+        cfg.evaluate.models
+    with pytest.raises(config.ConfigError, match="train_spo config: config keys cluster, evaluate, prepare"):
+        component_config(yaml.safe_dump(params), "train_spo")  # the whole config is not a view

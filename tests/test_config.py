@@ -96,7 +96,7 @@ def test_profiles_that_cannot_run_yet_say_what_is_missing(monkeypatch):
 def test_an_empty_params_file_names_every_missing_section(tmp_path):
     assert error_of(load_config, write(tmp_path, "")) == (
         f"{tmp_path / 'p.yaml'}: missing config keys profile, seed, torch_threads, model, prepare, validate, train_spm, "
-        "train_spo, train_dpo, learning_curve, evaluate, register, tracking")
+        "train_spo, train_dpo, learning_curve, evaluate, register, tracking, cluster")
 
 
 def test_a_missing_key_is_named(tmp_path):
@@ -115,7 +115,8 @@ def test_sections_have_no_defaults_in_code():
         TrainSPOConfig()
     sections = [config.Config, config.OracleConfig, *(t for t in get_type_hints(config.Config).values()
                                                       if dataclasses.is_dataclass(t))]
-    assert len(sections) == 12
+    assert len(sections) == 13
+    sections += [config.Toleration, config.StageResources, config.ClusterStages, config.DistributedJobConfig]
     for cls in sections:
         assert [f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
                 or f.default_factory is not dataclasses.MISSING] == [], cls

@@ -20,10 +20,11 @@ DVC = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
 SECTIONS = set(Config.__dataclass_fields__)
 # Sections a stage reads that shape none of its outputs, so they are no stage's params (renaming the
 # MLflow experiment must not rerun the pipeline).
-NOT_OUTPUT_SHAPING_SECTIONS = {"tracking"}
-# Plumbing a stage imports that cannot change its outputs: logging, the command line, atomic writes.
+NOT_OUTPUT_SHAPING_SECTIONS = {"tracking", "cluster"}  # cluster: KFP's compile-time pod settings
+# Plumbing a stage imports that cannot change its outputs: logging, the command line, atomic writes, where
+# the profiles are found.
 NOT_OUTPUT_SHAPING = {"spo/__init__.py", "spo/tracking/__init__.py", "spo/tracking/tracker.py", "spo/tracking/mlflow_tracker.py",
-                      "spo/tracking/progress.py", "spo/atomic_write.py",
+                      "spo/tracking/progress.py", "spo/atomic_write.py", "spo/asset_paths.py",
                       "spo/stages/__init__.py", "spo/stages/stage_cli.py"}
 
 

@@ -12,8 +12,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from spo.asset_paths import asset_root
 from spo.atomic_write import OutputLockedError, output_lock
-from spo.config import Config, ConfigError, load_config
+from spo.config import Config, ConfigError, load_config, read_params
 from spo.tracking.progress import terminal_output
 from spo.tracking.tracker import Tracker
 
@@ -23,6 +24,8 @@ StageBody = Callable[[Config, argparse.Namespace, Tracker], Any]
 def parse_stage_args(stage: str, argv: Sequence[str] | None, paths: Sequence[str]) -> tuple[Config, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog=f"spo {stage}", description=f"Run the `{stage}` stage.")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--stage-view", action="store_true",
+                        help="the params file holds only this stage's sections (how KFP passes them)")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a param, e.g. -S train_spo.beta=5.0")
     for name in paths:  # "name?" is an optional path (default None)
@@ -31,7 +34,20 @@ def parse_stage_args(stage: str, argv: Sequence[str] | None, paths: Sequence[str
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=not optional,
                             default=None)
     args = parser.parse_args(argv)
+    if args.stage_view:
+        return stage_view_config(read_params(args.params), stage, args.overrides, where=str(args.params)), args
     return load_config(args.params, args.overrides), args
+
+
+def stage_view_config(data: dict, stage: str, overrides: Sequence[str] = (), where: str = "") -> Config:
+    """A stage's config view (STAGE_SECTIONS) from a raw mapping; errors name `where`."""
+    from spo.config import apply_overrides, config_view
+    from spo.stages import STAGE_SECTIONS
+
+    try:
+        return config_view(apply_overrides(data or {}, list(overrides)), STAGE_SECTIONS[stage])
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}" if where else str(err)) from None
 
 
 @contextmanager
@@ -63,7 +79,7 @@ def launched_rank() -> int:
 
 PROCESSES_ENV = "SPO_NUM_PROCESSES"  # data-parallel processes for the training stages (e.g. GPUs of a node)
 ACCELERATE_CONFIG_ENV = "SPO_ACCELERATE_CONFIG"
-DEFAULT_ACCELERATE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "one_node.yaml"
+DEFAULT_ACCELERATE_CONFIG = asset_root() / "configs" / "accelerate" / "one_node.yaml"  # spo/asset_paths.py
 
 
 def accelerate_command(stage: str, argv: Sequence[str], num_processes: int) -> list[str]:
@@ -130,17 +146,55 @@ def stage_main(stage: str, argv: Sequence[str] | None, paths: Sequence[str], bod
         return body(cfg, args, tracker)
 
 
-def component_config(params_yaml: str, parent_run_id: str) -> Config:
-    """What every KFP component does first: nest its MLflow run under the pipeline's parent run, parse
-    the one-string config (a dict parameter would turn ints into floats) and pin torch's threads."""
-    import os
-
+def component_config(stage_params: str, stage: str) -> Config:
+    """What every KFP stage component does first: parse its config view (one YAML string of the sections
+    in STAGE_SECTIONS: a dict parameter would turn ints into floats) and pin torch's threads. The MLflow
+    parent is found by the KFP run id (spo.tracking.mlflow_tracker), not passed in."""
     import yaml
 
-    from spo.config import config_from_dict
-    from spo.tracking.mlflow_tracker import PARENT_RUN_ENV
-
-    os.environ[PARENT_RUN_ENV] = parent_run_id
-    cfg = config_from_dict(yaml.safe_load(params_yaml))
+    cfg = stage_view_config(yaml.safe_load(stage_params), stage, where=f"{stage} config")
     pin_torch_threads(cfg)
     return cfg
+
+
+CHECKPOINT_ROOT_ENV = "SPO_CHECKPOINT_ROOT"  # on the cluster's PVC (cluster.pvc): what a retried task resumes from
+
+
+def component_checkpoint_dir(stage: str) -> Path | None:
+    """`$SPO_CHECKPOINT_ROOT/<KFP run id>/<stage>`: every try of one KFP task (a retry after a preempted
+    node keeps the run id) sees the same directory and resumes from its newest checkpoint; another run
+    starts clean. None without a checkpoint root (no PVC) or outside KFP."""
+    import os
+
+    from spo.tracking.mlflow_tracker import KFP_RUN_ENV
+
+    root, run_id = os.environ.get(CHECKPOINT_ROOT_ENV), os.environ.get(KFP_RUN_ENV)
+    return Path(root) / run_id / stage if root and run_id else None
+
+
+def run_component_stage(stage: str, stage_params: str, cfg: Config, **paths: Path | None) -> dict:
+    """A KFP component's stage: here, or with SPO_NUM_PROCESSES=N > 1 (this node's GPUs, set from
+    cluster.stages.<stage>.gpus) as N processes under `accelerate launch`, exactly as `dvc repro` runs it
+    (the same CLI, the same result for any N). Returns the stage's metrics."""
+    import importlib
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    from spo.tracking.mlflow_tracker import stage_tracker
+
+    processes = int(os.environ.get(PROCESSES_ENV, "1") or "1")
+    if processes <= 1:
+        with stage_tracker(stage, cfg) as tracker:
+            return importlib.import_module(f"spo.stages.{stage}").run(cfg, tracker=tracker, **paths)
+    with tempfile.TemporaryDirectory() as tmp:
+        params = Path(tmp) / "params.yaml"
+        params.write_text(stage_params)
+        argv = ["--params", str(params), "--stage-view"]
+        for name, path in paths.items():
+            if path is not None:
+                argv += [f"--{name.replace('_', '-')}", str(path)]
+        env = {k: v for k, v in os.environ.items() if k != PROCESSES_ENV}
+        subprocess.run(accelerate_command(stage, argv, processes), check=True, env=env)
+    return json.loads((Path(paths["out_dir"]) / "metrics.json").read_text())

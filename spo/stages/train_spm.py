@@ -226,7 +226,7 @@ def _tail_mean(values: list[float]) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main("train_spm", argv, ["prepared_dir", "validate_dir", "out_dir", "checkpoint_dir"],
+    stage_main("train_spm", argv, ["prepared_dir", "validate_dir", "out_dir", "checkpoint_dir?"],
                lambda cfg, args, tracker: run(cfg, prepared_dir=args.prepared_dir, validate_dir=args.validate_dir,
                                               out_dir=args.out_dir, checkpoint_dir=args.checkpoint_dir,
                                               tracker=tracker),

@@ -1,10 +1,13 @@
 """MLflow implementation of Tracker: one parent run per pipeline run, one nested run per stage.
 
 Which parent a stage nests under:
-1. `SPO_PARENT_RUN_ID` when set (the KFP pipeline's first step creates it; wrappers may set it too);
-2. else, under `dvc repro`, the RUNNING parent tagged with that `dvc` process's session key
+1. `SPO_PARENT_RUN_ID` when set (wrappers, and the processes of a distributed stage, set it);
+2. else, under KFP (`KFP_RUN_ID`, from the pod's `pipeline/runid` label), the parent tagged `kfp.run_id`
+   with that id: the pipeline's uncached first step creates it, so no stage needs its id as an input
+   (which would defeat KFP's cache), and its exit handler ends it (`close_pipeline_run`);
+3. else, under `dvc repro`, the RUNNING parent tagged with that `dvc` process's session key
    (host:pid:start time), created by the first stage of the invocation;
-3. else a standalone parent for this one stage.
+4. else a standalone parent for this one stage.
 Every stage marks the parent RUNNING while it runs and ends it by its own outcome (FINISHED, FAILED, or
 KILLED on Ctrl-C/SIGTERM/SIGHUP), so a partial `dvc repro -s STAGE` leaves no parent RUNNING; the next
 stage of the same run reopens it. A run whose process died without ending it (SIGKILL, OOM, a killed
@@ -43,6 +46,11 @@ PROCESS_TAG = "spo.process"  # host:pid:start of the process that ends the run
 EXPERIMENT_TAG = "spo.dvc_experiment"
 END_REASON_TAG = "spo.end_reason"
 PARENT_RUN_NAME = "pipeline"
+KFP_RUN_ENV = "KFP_RUN_ID"  # set on every KFP task from its pod's `pipeline/runid` label
+KFP_UI_ENV = "SPO_KFP_UI_URL"  # the KFP UI (cluster.kfp_ui_url): runs link to their KFP run
+KFP_RUN_TAG = "kfp.run_id"
+KFP_URL_TAG = "kfp.run_url"
+KFP_STATE_TAG = "kfp.state"
 SECRET_ENV_VARS = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "HF_TOKEN",
                    "HUGGING_FACE_HUB_TOKEN", "KFP_TOKEN")
 # a key whose last dotted part is, or ends in `_`, one of these (hf_token, login.password; not tokenizer)
@@ -301,9 +309,41 @@ def start_parent_run(client: MlflowClient, experiment_id: str, cfg: Config,
 
 
 def open_pipeline_run(cfg: Config) -> str:
-    """Start a parent run for a pipeline (KFP's first step); stages nest under it via SPO_PARENT_RUN_ID."""
+    """The parent run of this KFP run (its first step): created once, found again by a retried step."""
     client, experiment_id = _client_and_experiment(cfg)
+    if os.environ.get(KFP_RUN_ENV) and (found := _kfp_parent(client, experiment_id)):
+        return found
     return start_parent_run(client, experiment_id, cfg)
+
+
+def _kfp_parent(client: MlflowClient, experiment_id: str) -> str | None:
+    runs = client.search_runs([experiment_id], f"tags.`{KFP_RUN_TAG}` = '{os.environ[KFP_RUN_ENV]}' and "
+                              "tags.`spo.pipeline` = 'true'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def close_pipeline_run(cfg: Config, state: str, message: str = "") -> str | None:
+    """KFP's exit handler: end what a killed pod left RUNNING. Runs still RUNNING under this KFP run's
+    parent end FAILED (a stage process that ends its own run never leaves one); the parent ends FAILED
+    unless the pipeline SUCCEEDED. Returns the parent's id (None if the first step never made one)."""
+    client, experiment_id = _client_and_experiment(cfg)
+    parent = _kfp_parent(client, experiment_id)
+    if parent is None:
+        return None
+    failed = RunStatus.to_string(RunStatus.FAILED)
+    reason = f"KFP run ended {state} while this run was RUNNING (its pod was killed?)"
+    for run in client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent}' and "
+                                  "attributes.status = 'RUNNING'"):
+        client.set_tag(run.info.run_id, END_REASON_TAG, reason)
+        client.set_terminated(run.info.run_id, failed)
+    client.set_tag(parent, KFP_STATE_TAG, state)
+    if message:
+        client.set_tag(parent, "kfp.error", message[:5000])
+    if state != "SUCCEEDED":
+        client.set_terminated(parent, failed)
+    elif client.get_run(parent).info.status == RunStatus.to_string(RunStatus.RUNNING):
+        client.set_terminated(parent, RunStatus.to_string(RunStatus.FINISHED))
+    return parent
 
 
 def _client_and_experiment(cfg: Config) -> tuple[MlflowClient, str]:
@@ -324,9 +364,19 @@ def _artifact_location(uri: str, cfg: Config) -> str | None:
     return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns" / name).as_uri()
 
 
+def kfp_run_url(run_id: str) -> str | None:
+    """The KFP UI page of a run, when the UI's address is known (SPO_KFP_UI_URL)."""
+    ui = os.environ.get(KFP_UI_ENV, "").rstrip("/")
+    return f"{ui}/#/runs/details/{run_id}" if ui else None
+
+
 def _run_tags() -> dict[str, str]:
-    """Tags every run of this process gets: the git commit, the DVC experiment's name."""
+    """Tags every run of this process gets: the git commit, the DVC experiment's name, the KFP run."""
     tags = {}
+    if kfp_run := os.environ.get(KFP_RUN_ENV):
+        tags[KFP_RUN_TAG] = kfp_run
+        if url := kfp_run_url(kfp_run):
+            tags[KFP_URL_TAG] = url
     if commit := _git_commit():
         tags["mlflow.source.git.commit"] = commit
     if experiment := os.environ.get("DVC_EXP_NAME"):
@@ -353,11 +403,23 @@ def _end_parent(client: MlflowClient, parent_id: str, status: str) -> None:
         client.set_terminated(parent_id, status)
 
 
+def _close_replaced_tries(client: MlflowClient, experiment_id: str, parent_id: str, stage: str) -> None:
+    """A KFP retry of a stage whose pod was killed: its earlier try's run, still RUNNING, ends FAILED."""
+    for run in client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+                                  f"tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'RUNNING'"):
+        client.set_tag(run.info.run_id, END_REASON_TAG, "a retry of this KFP task replaced it (its pod died)")
+        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
 def resolve_parent(client: MlflowClient, experiment_id: str, cfg: Config) -> str:
     """The parent run id: KFP's or this `dvc repro`'s (reopened: RUNNING while this stage runs), or a new one."""
     running = RunStatus.to_string(RunStatus.RUNNING)
     if parent := os.environ.get(PARENT_RUN_ENV):
         client.get_run(parent)  # fails early, naming the id, if it does not exist
+        client.update_run(parent, status=running)  # a retried task reopens what its failed try ended
+        return parent
+    if os.environ.get(KFP_RUN_ENV):
+        parent = _kfp_parent(client, experiment_id) or start_parent_run(client, experiment_id, cfg)
         client.update_run(parent, status=running)  # a retried task reopens what its failed try ended
         return parent
     session = dvc_session_key()
@@ -380,6 +442,8 @@ def stage_tracker(stage: str, cfg: Config) -> Iterator[MLflowTracker]:
         client, experiment_id = _client_and_experiment(cfg)
         _close_dead_runs(client, experiment_id)
         parent_id = resolve_parent(client, experiment_id, cfg)
+        if os.environ.get(KFP_RUN_ENV):
+            _close_replaced_tries(client, experiment_id, parent_id, stage)
         tags = {"mlflow.parentRunId": parent_id, STAGE_TAG: stage, "spo.profile": cfg.profile,
                 PROCESS_TAG: process_key(os.getpid()), **_run_tags()}
         run_id = client.create_run(experiment_id, tags=redact(tags), run_name=stage).info.run_id
