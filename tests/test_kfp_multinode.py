@@ -1,0 +1,99 @@
+"""A training stage on several nodes: the compiled launcher task, the TrainJob / PyTorchJob it would
+create (against the CRD schemas kept in tests/data/crds), and the nodes' command, run here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO_ROOT
+from test_kfp_pipeline import compile_profile, dag_tasks
+from test_kfp_retry import inputs  # noqa: F401  (the fixture: a tiny prepared dir and train_dpo's view)
+from test_trainjob import crd_errors
+
+from pipelines.distributed_stage import job_for_stage
+from pipelines.trainjob import manifest
+from spo.config import load_profile
+
+pytest.importorskip("kfp")
+
+MULTI = ["-S", "cluster.stages.train_spo.nodes=2"]
+
+
+def test_a_multi_node_stage_compiles_to_a_launcher_with_the_pvc_and_retries(tmp_path):
+    _, spec, k8s = compile_profile(tmp_path, "sd15", *MULTI)
+    tasks = dag_tasks(spec)
+    assert "train-spo" not in tasks
+    launcher = tasks["train-on-nodes"]
+    assert launcher["taskInfo"]["name"] == "train_spo"  # what the KFP UI shows
+    assert launcher["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"] == "train_spo"
+    assert launcher["retryPolicy"]["maxRetryCount"] == 2  # a retry is a new job that resumes
+    assert tasks["evaluate"]["inputs"]["artifacts"]["spo"]["taskOutputArtifact"] == {
+        "producerTask": "train-on-nodes", "outputArtifactKey": "model"}
+    container = spec["deploymentSpec"]["executors"]["exec-train-on-nodes"]["container"]
+    assert "accelerator" not in container["resources"]  # the GPUs are the TrainJob's, not the launcher's
+    assert k8s["exec-train-on-nodes"]["pvcMount"][0]["constant"] == "spo-cache"
+    cluster = yaml.safe_load(launcher["inputs"]["parameters"]["cluster_yaml"]["runtimeValue"]["constant"])
+    assert cluster["stages"]["train_spo"] == {"gpus": 4, "nodes": 2, "cpu": "16", "memory": "200G",
+                                              "cpu_limit": None, "memory_limit": None}
+    assert "train-spm" in tasks and "train-dpo" in tasks  # one node each: plain tasks
+
+
+def test_a_multi_node_stage_without_a_shared_volume_is_refused(tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    assert cli_main(["compile", "--profile", "sd15", "--output", str(out), *MULTI,
+                     "-S", "cluster.mlflow_tracking_uri=http://mlflow:5000"]) == 2
+    assert "stages.train_spo.nodes > 1 needs pvc" in capsys.readouterr().err
+
+
+def cli_main(argv):
+    from pipelines import cli
+
+    return cli.main(argv)
+
+
+@pytest.mark.parametrize("kind", ["TrainJob", "PyTorchJob"])
+def test_the_job_of_a_stage_validates_and_carries_image_command_gpus_and_pvc(kind, tmp_path):
+    cluster = load_profile("sd15", ["cluster.stages.train_spo.nodes=2", "cluster.pvc=spo-cache",
+                                    "cluster.mlflow_credentials_secret=mlflow-auth", "cluster.hf_token_secret=hf-token",
+                                    "cluster.mlflow_tracking_uri=http://mlflow:5000"], require_implemented=False).cluster
+    work = tmp_path / "runs" / "run-1" / "train_spo"
+    job = job_for_stage("train_spo", cluster, "registry.example.com/spo:1", "0f3a9c2e-77b1-4cde-9a1b-53a6a1f0c9d1",
+                        work, "team-a")
+    body = manifest(job, kind)
+    assert crd_errors(kind, body) == []
+    text = json.dumps(body)
+    assert "registry.example.com/spo:1" in text and "/mnt/spo" in text and "spo-cache" in text
+    assert "-m spo.cli train_spo" in text and "--stage-view" in text and "--spm-dir" in text
+    assert "/mnt/spo/checkpoints/0f3a9c2e-77b1-4cde-9a1b-53a6a1f0c9d1/train_spo" in text  # a retry resumes there
+    assert '"secretKeyRef": {"name": "mlflow-auth", "key": "password"}' in text.replace(', "optional": false', "")
+    if kind == "TrainJob":
+        assert body["spec"]["trainer"]["numNodes"] == 2
+        assert body["spec"]["trainer"]["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "4"
+    else:
+        replicas = body["spec"]["pytorchReplicaSpecs"]
+        assert replicas["Master"]["replicas"] + replicas["Worker"]["replicas"] == 2
+
+
+@pytest.mark.slow
+def test_the_nodes_command_runs_the_stage(inputs, tmp_path, mlflow_db):  # noqa: F811
+    """What every node runs, minus accelerate's rendezvous: the `spo` part of the job's command, on a
+    work dir laid out as run_stage_on_nodes lays it out on the PVC."""
+    cluster = load_profile("sd15", ["cluster.stages.train_dpo.nodes=2", "cluster.pvc=spo-cache"],
+                           require_implemented=False).cluster
+    work = tmp_path / "runs" / "run-1" / "train_dpo"
+    shutil.copytree(inputs / "prepared", work / "prepared")
+    shutil.copytree(inputs / "validation", work / "upstream")
+    shutil.copy(inputs / "train_dpo.yaml", work / "params.yaml")
+    job = job_for_stage("train_dpo", cluster, "img", "run-1", work, "ns")
+    argv = [a.replace(f"{cluster.mount_path}/checkpoints", str(tmp_path / "checkpoints")) for a in job.stage_argv]
+    env = {**os.environ, "KFP_RUN_ID": "run-1", "SPO_PROGRESS": "0", "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-m", "spo.cli", *argv, "-S", "train_dpo.max_steps=3"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((work / "out" / "metrics.json").read_text())["optimizer_steps"] == 3
