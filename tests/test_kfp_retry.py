@@ -30,7 +30,7 @@ from spo.models.lora import LORA_WEIGHTS_FILE
 pytest.importorskip("kfp")
 pytestmark = pytest.mark.slow
 
-STEPS = 300
+STEPS = 120
 
 PIPELINE = textwrap.dedent('''
     """One train_dpo task on imported inputs, under kfp.local (what `spo pipeline run-local` uses)."""

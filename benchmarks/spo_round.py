@@ -1,0 +1,361 @@
+"""Benchmark: SPO rounds (sampling with branching and SPM scoring, then training on the kept pairs), our
+structure against the published one, identical maths, random-init models of the real classes.
+
+ours:      the K candidates' x̂0 of all prompts decoded and scored in one batch per scored step; training:
+           one policy and one reference call per micro-batch (win and lose share x_t), the reference is the
+           UNet with its LoRA disabled.
+published: the published loop's cost (RockeyCoss/SPO, ../shared/reference/spo-reference.md 3.2-3.3, 5.1):
+           every candidate decoded and scored on its own; training: four UNet calls per micro-batch
+           (policy/reference x win/lose, each at CFG batch 2), the reference a frozen copy of the UNet
+           (fp16 on CUDA, as published; the policy's dtype on CPU so both structures compute the same numbers).
+The noise draws are the same, so both keep the same pairs and compute the same losses
+(tests/test_spo_round_benchmark.py checks it on CPU).
+
+Prints a table and writes JSON: seconds per round, kept pairs/s, prompts/s, the breakdown (sampling UNet,
+x̂0 decode, SPM, policy fwd+bwd, reference fwd, optimizer), peak memory, the fraction of the UNet ceiling
+(the same UNet work at batch-32 throughput) and the projected recipe GPU-hours on this device. On CPU the
+models are the tiny stand-ins (spo/standins) and only ratios mean anything; absolute times need a GPU.
+
+    python benchmarks/spo_round.py --device cpu                       # seconds; both structures and their ratio
+    python benchmarks/spo_round.py --device cuda --arch sd15 --prompts 10 --candidates 4 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from spo.config import load_profile
+from spo.diffusion.ddim import ddim_step, gaussian_log_prob
+from spo.diffusion.guidance import guided_noise_pred
+from spo.diffusion.sampling import latent_shape
+from spo.models.diffusion_model import DiffusionModel, load_diffusion_model
+from spo.models.lora import add_lora
+from spo.models.step_aware_preference_model import StepAwarePreferenceModel
+from spo.training.spo_loss import spo_loss
+from spo.training.spo_trainer import pair_log_probs, rollout_settings
+from spo.training.step_sampling import initial_latents, prompt_generators, rollout_pairs
+
+RECIPE_PROMPT_PASSES = 4000 * 10  # the SD1.5 recipe: 4,000 prompts x 10 epochs
+STRUCTURES = ("ours", "published")
+
+
+class Clock:
+    """Wall seconds per phase, synchronising CUDA around each measured block."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds = device, defaultdict(float)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self.sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.seconds[name] += time.perf_counter() - start
+
+
+@dataclasses.dataclass
+class PerCandidateDecode(DiffusionModel):
+    """The published rollout's decode: one VAE call per candidate image."""
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return torch.cat([DiffusionModel.decode_latents(self, x[None]) for x in latents])
+
+
+def tiny_models(arch: str, root: Path) -> tuple[DiffusionModel, StepAwarePreferenceModel]:
+    """The CPU size: the stand-ins of the real classes and configs, random init (spo/standins)."""
+    from spo.standins.models import build_pickscore, build_sd15, build_sdxl
+
+    base = (build_sd15 if arch == "sd15" else build_sdxl)(root / arch)
+    return load_diffusion_model(str(base)), StepAwarePreferenceModel.from_backbone(str(build_pickscore(root / "spm")))
+
+
+def real_models(arch: str, device: torch.device, dtype: torch.dtype) -> tuple[DiffusionModel, StepAwarePreferenceModel]:
+    """SD1.5 at its real size, random init: UNet/VAE/text encoder of stable-diffusion-v1-5's configs, an SPM
+    on a ViT-H/14 CLIP (PickScore's backbone), built in memory (no downloads)."""
+    if arch != "sd15":
+        raise SystemExit("--size real: only sd15 is built here so far (sdxl: --size tiny)")
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTextModel
+
+    from spo.standins.models import PICKSCORE_PROCESSOR, _tokenizer
+
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # SD1.5's config
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                        layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512, scaling_factor=0.18215)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                        hidden_act="quick_gelu"))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    model = DiffusionModel(unet=unet.to(device, dtype), vae=vae.to(device, dtype), text_encoder=text.to(device, dtype),
+                           tokenizer=tokenizer, scheduler=scheduler)
+    vision = {"image_size": 224, "patch_size": 14, "hidden_size": 1280, "intermediate_size": 5120,
+              "num_hidden_layers": 32, "num_attention_heads": 16, "hidden_act": "gelu"}
+    text_cfg = {"vocab_size": len(tokenizer), "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                "num_attention_heads": 16, "max_position_embeddings": 77, "hidden_act": "gelu"}
+    from transformers import CLIPImageProcessor
+
+    clip = CLIPModel(CLIPConfig(text_config=text_cfg, vision_config=vision, projection_dim=1024))
+    spm = StepAwarePreferenceModel(clip, CLIPProcessor(image_processor=CLIPImageProcessor(**PICKSCORE_PROCESSOR),
+                                                       tokenizer=tokenizer))
+    return model, spm.to(device)
+
+
+def with_structure(model: DiffusionModel, structure: str) -> DiffusionModel:
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(DiffusionModel)}
+    return PerCandidateDecode(**fields) if structure == "published" else DiffusionModel(**fields)
+
+
+def published_log_probs(unet, reference, scheduler, pairs, cond, uncond, cfg, clock: Clock):
+    """Four calls: the policy on win and on lose (with grad), the frozen copy on win and on lose."""
+    out = []
+    lose_t = pairs.latents_t if pairs.latents_t_lose is None else pairs.latents_t_lose  # MSPO: the loser's own x_t
+    for net, grad, phase in ((unet, True, "policy_forward"), (reference, False, "reference_forward")):
+        for x_t, target in ((pairs.latents_t, pairs.latents_win), (lose_t, pairs.latents_lose)):
+            with clock.phase(phase), torch.set_grad_enabled(grad):
+                eps = guided_noise_pred(net, x_t, pairs.timesteps, cond, uncond, cfg.guidance_scale)
+                step = ddim_step(scheduler, eps.float(), pairs.timesteps, x_t.float(), cfg.eta)
+                out.append(gaussian_log_prob(target.float(), step.mean, step.sigma))
+    return out
+
+
+def ours_log_probs(model, pairs, cond, uncond, cfg, clock: Clock):
+    """pair_log_probs (one policy and one LoRA-disabled reference call), timed as a whole: its reference
+    call is the cheaper part, split off by the forward share measured in `published`."""
+    with clock.phase("policy_and_reference_forward"):
+        lp = pair_log_probs(model, pairs, cond, uncond, cfg)
+    return [lp.policy_win, lp.policy_lose, lp.ref_win, lp.ref_lose]
+
+
+class UNetCounter:
+    """Counts the samples each UNet forward sees (CFG doubles them), to size the ceiling comparison."""
+
+    def __init__(self, *unets) -> None:
+        self.samples = 0
+        self.handles = [unet.register_forward_pre_hook(self._count, with_kwargs=True) for unet in unets]
+
+    def _count(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        self.samples += sample.shape[0]
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def one_round(model: DiffusionModel, spm: StepAwarePreferenceModel, reference, structure: str, prompts: list[str],
+              cfg, resolution: int, seed: int, params, clock: Clock) -> dict:
+    """One round: rollout of `prompts` (K candidates each), then one optimizer step per `pairs_per_batch`."""
+    text = spm.encode_text(prompts)
+
+    def score(images, prompt_index, timesteps):
+        with clock.phase("spm"):
+            if structure == "published":  # one candidate at a time
+                return torch.cat([spm.score(images[i:i + 1].float(), text[prompt_index[i:i + 1]], timesteps[i:i + 1].long())
+                                  for i in range(len(images))])
+            return spm.score(images.float(), text[prompt_index], timesteps.long())
+
+    decode = type(model).decode_latents
+
+    def timed_decode(self, latents):
+        with clock.phase("decode"):
+            return decode(self, latents)
+
+    model = with_structure(model, structure)
+    type(model).decode_latents = timed_decode
+    try:
+        cond, uncond = model.encode_prompts(prompts, resolution), model.encode_negative(resolution)
+        generators = prompt_generators([seed * 1000 + i for i in range(len(prompts))])
+        shape = latent_shape(model, resolution)
+        counter = UNetCounter(model.unet, reference)
+        with clock.phase("sampling"):
+            pairs, stats = rollout_pairs(model, cond, uncond, rollout_settings(cfg), score,
+                                         initial_latents(generators, shape).to(model.device), generators)
+        sampling_samples = counter.samples
+    finally:
+        type(model).decode_latents = decode
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    losses, log_probs = [], []
+    for micro in torch.arange(len(pairs)).split(cfg.pairs_per_batch):
+        batch = pairs.select(micro.to(pairs.timesteps.device))
+        c = cond[batch.prompt_index]
+        with clock.phase("training"):
+            lp = (published_log_probs(model.unet, reference, model.scheduler, batch, c, uncond, cfg, clock)
+                  if structure == "published" else ours_log_probs(model, batch, c, uncond, cfg, clock))
+            out = spo_loss(*lp, beta=cfg.beta, clip_eps=cfg.clip_eps)
+            with clock.phase("policy_backward"):
+                out.loss.backward()
+            with clock.phase("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+        log_probs.append([x.detach().double().sum().item() for x in lp])  # policy win/lose, reference win/lose
+    counter.close()
+    return {"pairs": pairs, "losses": losses, "log_probs": log_probs, "kept": len(pairs), "scored": stats.num_candidates_scored,
+            "sampling_unet_samples": sampling_samples, "training_unet_samples": counter.samples - sampling_samples}
+
+
+def unet_ceiling(unet, cond, batch: int, shape: tuple[int, ...], device: torch.device, repeats: int = 3
+                 ) -> tuple[float, float]:
+    """Samples/s of the UNet (with its LoRA) at `batch`: forward (no grad) and forward+backward."""
+    x = torch.randn(batch, *shape, device=device, dtype=unet.dtype)
+    t = torch.full((batch,), 500, device=device)
+    hidden = cond.hidden_states[:1].expand(batch, -1, -1).to(unet.dtype)
+    kwargs = {} if cond.pooled is None else {"added_cond_kwargs": {
+        "text_embeds": cond.pooled[:1].expand(batch, -1).to(unet.dtype),
+        "time_ids": cond.time_ids[:1].expand(batch, -1).to(unet.dtype)}}
+    clock = Clock(device)
+    for name, grad in (("forward", False), ("forward_backward", True)):
+        for i in range(repeats + 1):
+            with clock.phase(name if i else "warmup"), torch.set_grad_enabled(grad):
+                out = unet(x, t, encoder_hidden_states=hidden, **kwargs).sample
+                if grad:
+                    out.float().mean().backward()
+    return batch * repeats / clock.seconds["forward"], batch * repeats / clock.seconds["forward_backward"]
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    profile = load_profile(args.arch, require_implemented=False)
+    cfg = dataclasses.replace(profile.train_spo, num_candidates=args.candidates, threshold=args.threshold,
+                              num_inference_steps=args.steps, pairs_per_batch=args.pairs_per_batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, spm = (tiny_models(args.arch, Path(tmp)) if args.size == "tiny" else real_models(args.arch, device, dtype))
+    model = dataclasses.replace(model, unet=model.unet.to(device), vae=model.vae.to(device),
+                                text_encoder=model.text_encoder.to(device))
+    if model.text_encoder_2 is not None:
+        model = dataclasses.replace(model, text_encoder_2=model.text_encoder_2.to(device))
+    spm = spm.to(device).eval().requires_grad_(False)
+    resolution = args.resolution or model.default_resolution
+    frozen = copy.deepcopy(model.unet).requires_grad_(False).eval()  # the published reference, made before the LoRA
+    if device.type == "cuda":
+        frozen = frozen.half()
+    params = add_lora(model.unet, cfg)
+    initial = {id(p): p.detach().clone() for p in params}
+    prompts = [f"a photo of object {i} in a garden, detailed, {i % 3} lights" for i in range(args.prompts)]
+    results = {}
+    for structure in args.structures:
+        clock = Clock(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        rounds = []
+        for r in range(args.rounds + 1):  # round 0 warms up (allocator, kernels) and is not counted
+            with torch.no_grad():  # every round of every structure starts from the same LoRA: comparable pairs
+                for p in params:
+                    p.copy_(initial[id(p)])
+            c = clock if r else Clock(device)
+            with c.phase("round"):
+                rounds.append(one_round(model, spm, frozen, structure, prompts, cfg, resolution, seed=r, params=params,
+                                        clock=c))
+        counted = rounds[1:]
+        seconds = {k: v / args.rounds for k, v in clock.seconds.items()}
+        sampling_unet = seconds["sampling"] - seconds.get("decode", 0.0) - seconds.get("spm", 0.0)
+        kept = sum(r["kept"] for r in counted) / args.rounds
+        results[structure] = {
+            "seconds_per_round": seconds["round"], "kept_pairs_per_round": kept,
+            "kept_pairs_per_second": kept / seconds["round"], "prompts_per_second": args.prompts / seconds["round"],
+            "breakdown_s": {"sampling_unet": sampling_unet, "x0_decode": seconds.get("decode", 0.0),
+                            "spm": seconds.get("spm", 0.0),
+                            # ours: pair_log_probs makes both calls; timed together, under policy_forward
+                            "policy_forward": seconds.get("policy_forward", seconds.get("policy_and_reference_forward", 0.0)),
+                            "reference_forward": seconds.get("reference_forward") if structure == "published" else None,
+                            "policy_backward": seconds.get("policy_backward", 0.0),
+                            "optimizer": seconds.get("optimizer", 0.0)},
+            "unet_samples_per_round": {"sampling": counted[-1]["sampling_unet_samples"],
+                                       "training": counted[-1]["training_unet_samples"]},
+            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+            "projected_recipe_gpu_hours": RECIPE_PROMPT_PASSES / args.prompts * seconds["round"] / 3600,
+            "losses": [loss for r in counted for loss in r["losses"]],
+            "log_prob_sums": [lp for r in counted for lp in r["log_probs"]],
+            "pairs": [{"timesteps": r["pairs"].timesteps.tolist(), "prompt_index": r["pairs"].prompt_index.tolist(),
+                       "latents_win_sum": r["pairs"].latents_win.double().sum().item(),
+                       "latents_lose_sum": r["pairs"].latents_lose.double().sum().item()} for r in counted],
+        }
+    cond = model.encode_prompts(prompts[:1], resolution)
+    forward_rate, train_rate = unet_ceiling(model.unet, cond, args.ceiling_batch, latent_shape(model, resolution), device)
+    for res in results.values():
+        work = res["unet_samples_per_round"]
+        ideal = work["sampling"] / forward_rate + work["training"] / 2 / train_rate  # half the training calls need grad
+        res["ceiling_fraction"] = ideal / res["seconds_per_round"]
+    out = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           "arch": args.arch, "size": args.size, "resolution": resolution, "prompts": args.prompts,
+           "candidates": args.candidates, "steps": args.steps, "threshold": args.threshold, "rounds": args.rounds,
+           "unet_ceiling_samples_per_s": {"forward": forward_rate, "forward_backward": train_rate,
+                                          "batch": args.ceiling_batch},
+           "structures": results}
+    if {"ours", "published"} <= set(results):
+        out["speedup_ours_vs_published"] = results["published"]["seconds_per_round"] / results["ours"]["seconds_per_round"]
+    return out
+
+
+def table(out: dict) -> str:
+    rows = [("structure", "s/round", "kept pairs/s", "prompts/s", "UNet(sample)", "x0 decode", "SPM", "policy fwd",
+             "ref fwd", "backward", "optim", "ceiling", "recipe GPU-h")]
+    shown = lambda v: "(in policy)" if v is None else f"{v:.3f}"  # noqa: E731
+    for name, r in out["structures"].items():
+        b = r["breakdown_s"]
+        rows.append((name, f"{r['seconds_per_round']:.3f}", f"{r['kept_pairs_per_second']:.2f}",
+                     f"{r['prompts_per_second']:.2f}", *(shown(b[k]) for k in ("sampling_unet", "x0_decode", "spm",
+                     "policy_forward", "reference_forward", "policy_backward", "optimizer")),
+                     f"{r['ceiling_fraction']:.1%}", f"{r['projected_recipe_gpu_hours']:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    if "speedup_ours_vs_published" in out:
+        lines.append(f"ours vs published: {out['speedup_ours_vs_published']:.2f}x round throughput "
+                     f"({out['device']}, {out['arch']} {out['size']}, {out['prompts']} prompts x k={out['candidates']})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--size", choices=("tiny", "real"), default=None, help="default: tiny on cpu, real on cuda")
+    parser.add_argument("--structure", choices=(*STRUCTURES, "both"), default="both")
+    parser.add_argument("--prompts", type=int, default=None, help="per round (default: 2 on cpu, 10 on cuda)")
+    parser.add_argument("--candidates", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 10 on cpu, 20 on cuda)")
+    parser.add_argument("--threshold", type=float, default=0.0, help="0 keeps every pair (the costliest training)")
+    parser.add_argument("--pairs-per-batch", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=1, help="measured rounds, after one warm-up round")
+    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--ceiling-batch", type=int, default=None, help="default: 8 on cpu, 32 on cuda")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
+    args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    args.size = args.size or ("real" if cuda else "tiny")
+    args.prompts = args.prompts or (10 if cuda else 2)
+    args.steps = args.steps or (20 if cuda else 10)
+    args.ceiling_batch = args.ceiling_batch or (32 if cuda else 8)
+    args.structures = STRUCTURES if args.structure == "both" else (args.structure,)
+    out = run(args)
+    print(table(out))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
