@@ -42,7 +42,7 @@ from spo.models.diffusion_model import DiffusionModel, load_diffusion_model
 from spo.models.lora import add_lora
 from spo.models.step_aware_preference_model import StepAwarePreferenceModel
 from spo.training.spo_loss import spo_loss
-from spo.training.spo_trainer import pair_log_probs, rollout_settings
+from spo.training.spo_trainer import autocast_for, pair_log_probs, rollout_settings
 from spo.training.step_sampling import initial_latents, prompt_generators, rollout_pairs
 
 RECIPE_PROMPT_PASSES = 4000 * 10  # the SD1.5 recipe: 4,000 prompts x 10 epochs
@@ -98,13 +98,16 @@ def real_models(arch: str, device: torch.device, dtype: torch.dtype) -> tuple[Di
 
     tokenizer = _tokenizer()
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # SD1.5's config
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # SD1.5's config (the
+    # class defaults are SD1.5's blocks: 320/640/1280/1280, 2 layers per block)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
                         layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512, scaling_factor=0.18215)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}  # the pooled output finds EOS by id
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
                                         num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                        hidden_act="quick_gelu"))
+                                        hidden_act="quick_gelu", **ids))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
     model = DiffusionModel(unet=unet.to(device, dtype), vae=vae.to(device, dtype), text_encoder=text.to(device, dtype),
@@ -112,7 +115,7 @@ def real_models(arch: str, device: torch.device, dtype: torch.dtype) -> tuple[Di
     vision = {"image_size": 224, "patch_size": 14, "hidden_size": 1280, "intermediate_size": 5120,
               "num_hidden_layers": 32, "num_attention_heads": 16, "hidden_act": "gelu"}
     text_cfg = {"vocab_size": len(tokenizer), "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-                "num_attention_heads": 16, "max_position_embeddings": 77, "hidden_act": "gelu"}
+                "num_attention_heads": 16, "max_position_embeddings": 77, "hidden_act": "gelu", **ids}
     from transformers import CLIPImageProcessor
 
     clip = CLIPModel(CLIPConfig(text_config=text_cfg, vision_config=vision, projection_dim=1024))
@@ -167,6 +170,8 @@ def one_round(model: DiffusionModel, spm: StepAwarePreferenceModel, reference, s
               cfg, resolution: int, seed: int, params, clock: Clock) -> dict:
     """One round: rollout of `prompts` (K candidates each), then one optimizer step per `pairs_per_batch`."""
     text = spm.encode_text(prompts)
+    # ours: the stage's autocast (bf16 on CUDA, none on CPU); published: none (its LoRA run casts the UNet to fp16)
+    autocast = autocast_for(cfg, model.device) if structure == "ours" else contextlib.nullcontext
 
     def score(images, prompt_index, timesteps):
         with clock.phase("spm"):
@@ -188,7 +193,7 @@ def one_round(model: DiffusionModel, spm: StepAwarePreferenceModel, reference, s
         generators = prompt_generators([seed * 1000 + i for i in range(len(prompts))])
         shape = latent_shape(model, resolution)
         counter = UNetCounter(model.unet, reference)
-        with clock.phase("sampling"):
+        with clock.phase("sampling"), autocast():
             pairs, stats = rollout_pairs(model, cond, uncond, rollout_settings(cfg), score,
                                          initial_latents(generators, shape).to(model.device), generators)
         sampling_samples = counter.samples
@@ -199,7 +204,7 @@ def one_round(model: DiffusionModel, spm: StepAwarePreferenceModel, reference, s
     for micro in torch.arange(len(pairs)).split(cfg.pairs_per_batch):
         batch = pairs.select(micro.to(pairs.timesteps.device))
         c = cond[batch.prompt_index]
-        with clock.phase("training"):
+        with clock.phase("training"), autocast():
             lp = (published_log_probs(model.unet, reference, model.scheduler, batch, c, uncond, cfg, clock)
                   if structure == "published" else ours_log_probs(model, batch, c, uncond, cfg, clock))
             out = spo_loss(*lp, beta=cfg.beta, clip_eps=cfg.clip_eps)
