@@ -33,3 +33,14 @@ def test_ours_and_published_keep_the_same_pairs_and_losses(arch, tmp_path, capsy
     table = capsys.readouterr().out
     assert "ours vs published:" in table and "published" in table
     assert json.loads((tmp_path / "round.json").read_text())["speedup_ours_vs_published"] == out["speedup_ours_vs_published"]
+
+
+def test_spm_step_benchmark_runs_the_stages_code_and_accounts_for_the_step(tmp_path):
+    import spm_step
+
+    out = spm_step.main(["--device", "cpu", "--batch", "2", "--steps", "1", "--out", str(tmp_path / "spm.json")])
+    parts = out["breakdown_s"]
+    assert set(parts) == {"x0_inputs", "spm_forward", "backward", "optimizer"} and min(parts.values()) > 0
+    assert sum(parts.values()) <= out["seconds_per_step"] * 1.01  # the parts are inside the step
+    assert out["pairs_per_second"] == pytest.approx(2 / out["seconds_per_step"])
+    assert json.loads((tmp_path / "spm.json").read_text())["pairs_per_step"] == 2
