@@ -97,3 +97,28 @@ def test_the_nodes_command_runs_the_stage(inputs, tmp_path, mlflow_db):  # noqa:
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((work / "out" / "metrics.json").read_text())["optimizer_steps"] == 3
+
+
+@pytest.mark.slow
+def test_a_gpu_task_runs_its_stage_in_one_process_per_gpu(inputs, tmp_path, mlflow_db, monkeypatch):  # noqa: F811
+    """SPO_NUM_PROCESSES=N (what compile sets from cluster.stages.<stage>.gpus) makes the component run
+    the stage's CLI under `accelerate launch` in N processes (gloo here): the same result as one."""
+    from spo.stages.stage_cli import component_config, run_component_stage
+
+    view = yaml.safe_load((inputs / "train_dpo.yaml").read_text())
+    view["train_dpo"].update(max_steps=3, checkpoint_every=0)
+    stage_params = yaml.safe_dump(view)
+    cfg = component_config(stage_params, "train_dpo")
+    monkeypatch.setenv("KFP_RUN_ID", "run-gpus")
+    monkeypatch.setenv("SPO_PROGRESS", "0")
+    results = {}
+    for processes in (1, 2):
+        monkeypatch.setenv("SPO_NUM_PROCESSES", str(processes))
+        out = tmp_path / f"dpo-{processes}"
+        results[processes] = run_component_stage("train_dpo", stage_params, cfg, prepared_dir=inputs / "prepared",
+                                                 validate_dir=inputs / "validation", out_dir=out, checkpoint_dir=None)
+        assert (out / "lora").is_dir()
+    assert results[2]["num_processes"] == 2.0 and results[1]["num_processes"] == 1.0
+    assert results[2]["optimizer_steps"] == results[1]["optimizer_steps"] == 3
+    assert results[2]["pairs_seen"] == results[1]["pairs_seen"]
+    assert results[2]["final_loss"] == pytest.approx(results[1]["final_loss"], rel=1e-4)  # the same global batch
