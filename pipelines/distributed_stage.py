@@ -23,7 +23,6 @@ from spo.tracking.mlflow_tracker import KFP_RUN_ENV, KFP_UI_ENV
 
 # each training stage's second input, as its CLI names it
 UPSTREAM_FLAG = {"train_spm": "--validate-dir", "train_spo": "--spm-dir", "train_dpo": "--validate-dir"}
-SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 def job_for_stage(stage: str, cluster: ClusterConfig, image: str, run_id: str, work: Path, namespace: str):
@@ -60,12 +59,13 @@ def job_for_stage(stage: str, cluster: ClusterConfig, image: str, run_id: str, w
 
 
 def run_stage_on_nodes(stage: str, stage_params: str, cluster_yaml: str, image: str, *, prepared: Path,
-                       upstream: Path, out_dir: Path, api_client=None, out: Callable[[str], Any] = print) -> dict:
+                       upstream: Path, out_dir: Path, api_client=None, out: Callable[[str], Any] = print,
+                       poll_s: float = 30) -> dict:
     """Stage the inputs on the PVC, run the job, copy its output into `out_dir`; returns its metrics."""
     import yaml
     from pydantic import TypeAdapter
 
-    from pipelines.trainjob import run_distributed_job
+    from pipelines.trainjob import in_cluster_namespace, run_distributed_job
 
     cluster = TypeAdapter(ClusterConfig).validate_python(yaml.safe_load(cluster_yaml))
     if not cluster.pvc:
@@ -76,10 +76,9 @@ def run_stage_on_nodes(stage: str, stage_params: str, cluster_yaml: str, image: 
     for name, source in (("prepared", prepared), ("upstream", upstream)):
         shutil.copytree(source, work / name, dirs_exist_ok=True)
     (work / "params.yaml").write_text(stage_params)
-    namespace = (os.environ.get("SPO_JOB_NAMESPACE") or (SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
-                 if SERVICE_ACCOUNT_NAMESPACE.is_file() else "kubeflow"))
+    namespace = os.environ.get("SPO_JOB_NAMESPACE") or in_cluster_namespace()  # the launcher pod's, by default
     job = job_for_stage(stage, cluster, image, run_id, work, namespace)
     run_distributed_job(job, kind=cluster.distributed.kind, api_client=api_client,
-                        timeout_s=cluster.distributed.timeout_s, out=out)
+                        timeout_s=cluster.distributed.timeout_s, poll_s=poll_s, out=out)
     shutil.copytree(work / "out", out_dir, dirs_exist_ok=True)
     return json.loads((work / "out" / "metrics.json").read_text())

@@ -12,13 +12,14 @@ import sys
 import pytest
 import yaml
 from conftest import REPO_ROOT
+from pydantic import TypeAdapter
 from test_kfp_pipeline import compile_profile, dag_tasks
 from test_kfp_retry import inputs  # noqa: F401  (the fixture: a tiny prepared dir and train_dpo's view)
-from test_trainjob import crd_errors
+from test_trainjob import FakeCluster, crd_errors
 
-from pipelines.distributed_stage import job_for_stage
+from pipelines.distributed_stage import job_for_stage, run_stage_on_nodes
 from pipelines.trainjob import manifest
-from spo.config import load_profile
+from spo.config import ClusterConfig, load_profile
 
 pytest.importorskip("kfp")
 
@@ -122,3 +123,55 @@ def test_a_gpu_task_runs_its_stage_in_one_process_per_gpu(inputs, tmp_path, mlfl
     assert results[2]["optimizer_steps"] == results[1]["optimizer_steps"] == 3
     assert results[2]["pairs_seen"] == results[1]["pairs_seen"]
     assert results[2]["final_loss"] == pytest.approx(results[1]["final_loss"], rel=1e-4)  # the same global batch
+
+
+@pytest.mark.slow
+def test_the_launcher_stages_inputs_runs_the_job_and_copies_its_output_back(inputs, tmp_path, mlflow_db,  # noqa: F811
+                                                                             monkeypatch):
+    """run_stage_on_nodes against a loopback Kubernetes API whose node 0 really runs its container
+    command here (accelerate replaced by a one-process stub, the PVC a local dir): the inputs staged on
+    the PVC, the stage run by the job's own command, its output back in the launcher's artifact."""
+    stub = tmp_path / "bin" / "accelerate"
+    stub.parent.mkdir()
+    stub.write_text(f'#!/bin/sh\nwhile [ "$1" != "-m" ]; do shift; done\nshift\nexec {sys.executable} -m "$@"\n')
+    stub.chmod(0o755)
+
+    class RunningCluster(FakeCluster):
+        """The toy controller, plus node 0 running the TrainJob's command (as its pod would)."""
+
+        def _controller_create(self, kind, obj):
+            super()._controller_create(kind, obj)
+            trainer = obj["spec"]["trainer"]
+            env = {e["name"]: e["value"] for e in trainer["env"] if "value" in e}
+            done = subprocess.run(trainer["command"], env={**os.environ, **env, "PET_NNODES": "1", "PET_NODE_RANK": "0",
+                                                           "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": "29500",
+                                                           "PATH": f"{stub.parent}:{os.environ['PATH']}",
+                                                           "PYTHONPATH": str(REPO_ROOT)},
+                                  capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+
+    pvc = tmp_path / "pvc"
+    cluster = load_profile("sd15", ["cluster.stages.train_dpo.nodes=2", "cluster.pvc=spo-cache",
+                                    f"cluster.mount_path={pvc}"], require_implemented=False).cluster
+    cluster_yaml = yaml.safe_dump(TypeAdapter(ClusterConfig).dump_python(cluster, mode="json"))
+    view = yaml.safe_load((inputs / "train_dpo.yaml").read_text())
+    view["train_dpo"].update(max_steps=3, checkpoint_every=0)
+    monkeypatch.setenv("KFP_RUN_ID", "run-nodes")
+    monkeypatch.setenv("SPO_JOB_NAMESPACE", "kubeflow")
+    monkeypatch.delenv("KFP_RETRY_INDEX", raising=False)
+    fake = RunningCluster()
+    try:
+        printed = []
+        metrics = run_stage_on_nodes("train_dpo", yaml.safe_dump(view), cluster_yaml, "img:1", prepared=inputs / "prepared",
+                                     upstream=inputs / "validation", out_dir=tmp_path / "artifact",
+                                     api_client=fake.api_client(), out=printed.append, poll_s=0.05)
+    finally:
+        fake.close()
+    work = pvc / "runs" / "run-nodes" / "train_dpo"
+    assert (work / "prepared" / "pairs").is_dir() and (work / "upstream" / "quarantine.parquet").is_file()
+    assert metrics["optimizer_steps"] == 3
+    assert json.loads((tmp_path / "artifact" / "metrics.json").read_text()) == metrics
+    assert (tmp_path / "artifact" / "lora").is_dir()
+    [posted] = fake.posted
+    assert posted["metadata"]["name"] == "spo-train-dpo-runnodes" and posted["spec"]["trainer"]["numNodes"] == 2
+    assert any("created TrainJob kubeflow/spo-train-dpo-runnodes" in line for line in printed)
