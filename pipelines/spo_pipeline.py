@@ -4,7 +4,7 @@ train_dpo (the Diffusion-DPO baseline) beside train_spm/train_spo. The same DAG 
 Built at compile time from the config's `cluster` section (`build_pipeline`): the image, each stage's
 GPUs/CPU/memory, the GPU pool's node selector and tolerations, the PVC (HF cache, checkpoints), the
 MLflow server and the Secrets whose keys become env (never parameters). The run's one parameter is the
-whole config (`params_yaml`); an uncached `configure` step cuts it into per-stage views, so each stage's
+whole config (`params_yaml`); a `configure` step (cheap, cached) cuts it into per-stage views, so each stage's
 cache key covers only the sections that shape its output (a sweep over `train_spo.beta` reuses prepare,
 validate, train_spm and train_dpo from the cache). MLflow runs nest under a parent found by the KFP run
 id, which every pod reads from its `pipeline/runid` label: an input would defeat the cache. An exit
