@@ -13,7 +13,6 @@ to reproduce its cost (../shared/reference/spo-reference.md 2.2 describes what i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spo_round import Clock, real_models, tiny_models  # noqa: E402
+from spo_round import Clock, real_models, tiny_models, write_json  # noqa: E402
 
 from spo.config import load_profile  # noqa: E402
 from spo.training.spm_training import noisy_x0_images, sample_timesteps, spm_loss, spm_pair_scores  # noqa: E402
@@ -94,9 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'s/step':>8}  {'pairs/s':>8}  {'x0 inputs':>9}  {'SPM fwd':>8}  {'backward':>8}  {'optim':>6}  {'recipe GPU-h':>12}")
     print(f"{out['seconds_per_step']:8.3f}  {out['pairs_per_second']:8.2f}  {b['x0_inputs']:9.3f}  {b['spm_forward']:8.3f}  "
           f"{b['backward']:8.3f}  {b['optimizer']:6.3f}  {out['projected_recipe_gpu_hours']:12.1f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(out, args.out)
     return out
 
 

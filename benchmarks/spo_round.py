@@ -356,10 +356,15 @@ def main(argv: list[str] | None = None) -> dict:
     args.structures = STRUCTURES if args.structure == "both" else (args.structure,)
     out = run(args)
     print(table(out))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(out, args.out)
     return out
+
+
+def write_json(out: dict, path: Path | None) -> None:
+    """The benchmark's result as JSON at `path` (none: printed only)."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from spo.config import ClusterConfig
-from spo.stages.stage_cli import CHECKPOINT_ROOT_ENV
+from spo.stages.stage_cli import run_checkpoint_dir
 from spo.tracking.mlflow_tracker import KFP_RUN_ENV, KFP_UI_ENV
 
 # each training stage's second input, as its CLI names it
@@ -32,9 +32,8 @@ def job_for_stage(stage: str, cluster: ClusterConfig, image: str, run_id: str, w
     res = getattr(cluster.stages, stage)
     argv = (stage, "--params", str(work / "params.yaml"), "--stage-view", "--prepared-dir", str(work / "prepared"),
             UPSTREAM_FLAG[stage], str(work / "upstream"), "--out-dir", str(work / "out"),
-            "--checkpoint-dir", f"{cluster.mount_path}/checkpoints/{run_id}/{stage}")
-    env = {KFP_RUN_ENV: run_id, "HF_HOME": f"{cluster.mount_path}/hf",
-           CHECKPOINT_ROOT_ENV: f"{cluster.mount_path}/checkpoints", "SPO_PROGRESS": "0"}
+            "--checkpoint-dir", str(run_checkpoint_dir(f"{cluster.mount_path}/checkpoints", run_id, stage)))
+    env = {KFP_RUN_ENV: run_id, "HF_HOME": f"{cluster.mount_path}/hf", "SPO_PROGRESS": "0"}
     if cluster.mlflow_tracking_uri:
         env["MLFLOW_TRACKING_URI"] = cluster.mlflow_tracking_uri
     if cluster.kfp_ui_url:

@@ -169,7 +169,12 @@ def component_checkpoint_dir(stage: str) -> Path | None:
     from spo.tracking.mlflow_tracker import KFP_RUN_ENV
 
     root, run_id = os.environ.get(CHECKPOINT_ROOT_ENV), os.environ.get(KFP_RUN_ENV)
-    return Path(root) / run_id / stage if root and run_id else None
+    return run_checkpoint_dir(root, run_id, stage) if root and run_id else None
+
+
+def run_checkpoint_dir(root: str | Path, run_id: str, stage: str) -> Path:
+    """Where one KFP run's task of `stage` checkpoints under a checkpoint root (also a TrainJob's nodes)."""
+    return Path(root) / run_id / stage
 
 
 def run_component_stage(stage: str, stage_params: str, cfg: Config, **paths: Path | None) -> dict:
