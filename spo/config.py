@@ -195,6 +195,12 @@ class TrainSPOConfig:
     gradient_checkpointing: bool
     full_finetune: bool  # train every UNet weight (reference: a frozen copy) instead of the LoRA
     attention: Literal["sdpa", "eager"]  # torch's scaled_dot_product_attention, or the plain matmul processor
+    channels_last: StrictBool  # UNet and VAE in channels-last memory format (the same maths; for CUDA convs)
+    # x̂0 images decoded and scored per call in the rollout (memory: SDXL's VAE at 1024 px); None = all at once
+    decode_batch_size: PositiveInt | None
+    # Opt-in fast scoring (spo.models.scoring_decoder): an AutoencoderTiny (madebyollin/taesd, taesdxl) or any
+    # autoencoder that decodes x̂0 for the SPM instead of the VAE. None = the VAE, as published; changes scores.
+    scoring_decoder: Name | None
     lr_warmup_steps: Count  # linear warmup; the recipe's learning rate is constant (0)
     checkpoint_every: Count  # rounds between resumable checkpoints (0: none)
     checkpoint_keep: PositiveInt  # the newest checkpoints kept

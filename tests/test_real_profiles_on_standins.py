@@ -44,9 +44,14 @@ def test_profile_runs_the_whole_pipeline_on_the_standins(profile, tmp_path, caps
     command = next(line for line in printed.splitlines() if line.startswith(f"spo profile use {profile} "))
     use, repro = command.split(" && ")
     assert repro == "dvc repro"
+    if profile == "sdxl":  # sdxl trains with the opt-in speed options as printed (sd15: as published)
+        fast = next(line for line in printed.splitlines() if line.startswith("# opt-in fast scoring"))
+        use += " " + fast.split("add: ")[1] + " -S train_spo.channels_last=true -S train_spo.decode_batch_size=1"
     assert spo_main([*shlex.split(use)[1:], "--params", str(repo / "params.yaml")]) == 0
     cfg = load_config(repo / "params.yaml")
     assert cfg.profile == profile and cfg.model.base_model == str(tmp_path / "standins" / profile)
+    fast = (str(tmp_path / "standins" / "taesd"), True, 1) if profile == "sdxl" else (None, False, None)
+    assert (cfg.train_spo.scoring_decoder, cfg.train_spo.channels_last, cfg.train_spo.decode_batch_size) == fast
 
     assert stages_run(sh(["dvc", "repro", "train_spm"], repo, env)) == ["prepare", "validate", "train_spm"]
     # sd15's SPO trains data parallel: SPO_NUM_PROCESSES=2 relaunches the stage under accelerate (gloo on

@@ -1,5 +1,5 @@
 """train_spo's memory and precision options keep the maths: gradient checkpointing, the eager attention
-processor, and full fine-tuning against a frozen copy."""
+processor, channels-last memory format, and full fine-tuning against a frozen copy."""
 
 import dataclasses
 import math
@@ -22,6 +22,8 @@ def tiny_sd_dir(tmp_path_factory):
 def step_grads(model_dir, pairs, **options):
     model = load_diffusion_model(str(model_dir))
     cfg = dataclasses.replace(CFG, grad_clip=0.0, **options)
+    if cfg.channels_last:
+        model.to_channels_last()
     torch.manual_seed(0)
     params, reference = prepare_unet(model, cfg)
     if not cfg.full_finetune:
@@ -38,12 +40,17 @@ def pairs(tiny_sd_dir):
     return kept_pairs(load_diffusion_model(str(tiny_sd_dir)), seed=4, n=6)
 
 
-@pytest.mark.parametrize("option", [{"gradient_checkpointing": True}, {"attention": "eager"}])
+@pytest.mark.parametrize("option", [{"gradient_checkpointing": True}, {"attention": "eager"},
+                                    {"channels_last": True}])
 def test_memory_options_give_the_same_gradients(tiny_sd_dir, pairs, option):
     *_, logs, plain = step_grads(tiny_sd_dir, pairs)
     model, *_, logs_opt, grads = step_grads(tiny_sd_dir, pairs, **option)
     if "gradient_checkpointing" in option:
         assert model.unet.is_gradient_checkpointing
+    elif "channels_last" in option:
+        conv = model.unet.conv_in.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+        assert model.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     else:
         assert {type(p).__name__ for p in model.unet.attn_processors.values()} == {"AttnProcessor"}
     scale = max(g.abs().max().item() for g in plain)

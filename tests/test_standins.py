@@ -68,9 +68,9 @@ def _tree_bytes(path: Path) -> int:
 def test_build_writes_every_part_small_and_a_manifest(standins):
     root = standins.sd15.parent
     assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == \
-        ["pickapic", "pickscore", "scorers", "sd15", "sdxl", "sdxl_vae_fp16_fix", MANIFEST]
+        ["pickapic", "pickscore", "scorers", "sd15", "sdxl", "sdxl_vae_fp16_fix", MANIFEST, "taesd"]
     for part in (standins.sd15, standins.sdxl, standins.sdxl_vae, standins.pickscore, standins.pickapic,
-                 standins.scorers):
+                 standins.scorers, standins.taesd):
         assert _tree_bytes(part) < 10 * 2**20, part
     assert not list(root.glob(".*.tmp-*")), "no temporary dirs left behind"
     assert read_standins(root) == standins
@@ -200,6 +200,23 @@ def test_sdxl_pipeline_runs_with_the_fp16_fix_vae(standins):
 
 # ----------------------------------------------------------------------------------------------------
 # PickScore
+
+
+def test_taesd_is_an_autoencoder_tiny_that_reads_both_models_latents(standins):
+    from diffusers import AutoencoderTiny
+
+    from spo.models.diffusion_model import load_diffusion_model
+    from spo.models.scoring_decoder import load_scoring_decoder
+
+    config = json.loads((standins.taesd / "config.json").read_text())
+    assert config["_class_name"] == "AutoencoderTiny" and config["scaling_factor"] == 1.0  # reads scaled latents
+    assert config["num_decoder_blocks"] == [3, 3, 3, 1] and config["latent_channels"] == 4  # TAESD's layout
+    for base in (standins.sd15, standins.sdxl):
+        model = load_diffusion_model(str(base))
+        decoder = load_scoring_decoder(str(standins.taesd), model.vae)
+        assert isinstance(decoder, AutoencoderTiny)
+        latents = torch.randn(1, 4, 8, 8)
+        assert decoder.decode(latents).sample.shape == model.vae.decode(latents).sample.shape == (1, 3, 64, 64)
 
 
 def test_pickscore_is_a_clip_with_laions_processor(standins):
@@ -337,7 +354,8 @@ def test_fixtures_cli_builds_and_prints_the_commands(tmp_path, capsys):
     assert main(["fixtures", "build", str(tmp_path / "fx"), "--profile", "sd15"]) == 0
     out = capsys.readouterr().out
     manifest = json.loads((tmp_path / "fx" / MANIFEST).read_text())
-    assert manifest["profiles"] == ["sd15"] and set(manifest["parts"]) == {"sd15", "pickscore", "pickapic", "scorers"}
+    assert manifest["profiles"] == ["sd15"] and set(manifest["parts"]) == {"sd15", "pickscore", "pickapic", "scorers",
+                                                                         "taesd"}
     command = next(line for line in out.splitlines() if line.startswith("spo profile use sd15 -S "))
     assert command.endswith(" && dvc repro") and "sdxl" not in out
     # the printed `spo profile use ... -S ...` writes a params.yaml that is the profile with the overrides
@@ -349,3 +367,4 @@ def test_fixtures_cli_builds_and_prints_the_commands(tmp_path, capsys):
     assert "# was: stable-diffusion-v1-5/stable-diffusion-v1-5" in params.read_text()  # the profile's line, shown
     assert f"-S 'model.base_model=\"{tmp_path / 'fx' / 'sd15'}\"'" in out
     assert "-S train_spm.max_steps=4" in out and "-S model.vae=null" in out
+    assert f"add: -S 'train_spo.scoring_decoder=\"{tmp_path / 'fx' / 'taesd'}\"'" in out

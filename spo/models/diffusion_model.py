@@ -54,6 +54,9 @@ class DiffusionModel:
     text_encoder_2: CLIPTextModelWithProjection | None = None
     tokenizer_2: CLIPTokenizer | None = None
     force_zeros_for_empty_prompt: bool = False
+    # opt-in fast scoring: what decodes x̂0 for the SPM (an AutoencoderTiny, spo.models.scoring_decoder);
+    # None = the VAE itself, as published
+    scoring_decoder: torch.nn.Module | None = None
 
     @property
     def device(self) -> torch.device:
@@ -106,8 +109,24 @@ class DiffusionModel:
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (any dtype) -> images in [-1, 1] (float32). Not no_grad: callers choose."""
-        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        return self.vae.decode(latents).sample.float().clamp(-1, 1)
+        return _decode(self.vae, latents)
+
+    def to_channels_last(self) -> None:
+        """UNet, VAE and scoring decoder in channels-last memory format: the same maths, and the layout
+        CUDA's convolution kernels (cuDNN NHWC, tensor cores) run fastest in."""
+        for net in (self.unet, self.vae, self.scoring_decoder):
+            if net is not None:
+                net.to(memory_format=torch.channels_last)
+
+    def decode_for_scoring(self, latents: torch.Tensor) -> torch.Tensor:
+        """The images the SPM scores: `decode_latents`, or the opt-in `scoring_decoder`'s decode of the same
+        scaled latents (an AutoencoderTiny's scaling factor is 1: it reads them directly)."""
+        return self.decode_latents(latents) if self.scoring_decoder is None else _decode(self.scoring_decoder, latents)
+
+
+def _decode(decoder: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    latents = latents.to(decoder.dtype) / decoder.config.scaling_factor
+    return decoder.decode(latents).sample.float().clamp(-1, 1)
 
 
 def _size(resolution: int | tuple[int, int]) -> tuple[int, int]:

@@ -24,6 +24,7 @@ from spo.data.prepared_layout import TRAIN_PROMPTS_FILE
 from spo.data.prompts import read_prompts
 from spo.models.diffusion_model import load_diffusion_model
 from spo.models.lora import save_full_unet, save_lora
+from spo.models.scoring_decoder import load_scoring_decoder
 from spo.models.step_aware_preference_model import StepAwarePreferenceModel
 from spo.stages.stage_cli import stage_main
 from spo.tracking.tracker import Tracker
@@ -120,6 +121,11 @@ def run(cfg: Config, *, prepared_dir: Path, spm_dir: Path, out_dir: Path, tracke
     if model.architecture != cfg.model.architecture:
         raise ConfigError(f"model.architecture={cfg.model.architecture} but model.base_model {location} is an "
                           f"{model.architecture} pipeline")
+    if spo_cfg.scoring_decoder is not None:  # opt-in fast scoring: only what the SPM sees changes
+        model.scoring_decoder = load_scoring_decoder(spo_cfg.scoring_decoder, model.vae, dtype=model.vae.dtype,
+                                                     device=device)
+    if spo_cfg.channels_last:
+        model.to_channels_last()
     spm = StepAwarePreferenceModel.from_pretrained(str(spm_dir / "model")).to(device).eval().requires_grad_(False)
     prompts = read_prompts(prepared_dir / TRAIN_PROMPTS_FILE, spo_cfg.max_prompts)
     params, reference = prepare_unet(model, spo_cfg)

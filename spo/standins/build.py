@@ -3,6 +3,7 @@
     DIR/sd15/                 StableDiffusionPipeline (SD1.5 shape)
     DIR/sdxl/                 StableDiffusionXLPipeline (SDXL base shape)
     DIR/sdxl_vae_fp16_fix/    AutoencoderKL (madebyollin/sdxl-vae-fp16-fix shape)
+    DIR/taesd/                AutoencoderTiny (madebyollin/taesd, taesdxl shape): train_spo.scoring_decoder
     DIR/pickscore/            CLIPModel + CLIPProcessor (PickScore_v1 + laion ViT-H processor shape)
     DIR/pickapic/data/*.parquet   Pick-a-Pic v1 mirror (hub layout, every column)
     DIR/scorers/<name>/       PickScore, HPSv2.1, ImageReward, aesthetic, CLIP score (published layouts)
@@ -28,6 +29,7 @@ from spo.standins.models import (
     build_sd15,
     build_sdxl,
     build_sdxl_fp16_fix_vae,
+    build_taesd,
 )
 from spo.standins.pickapic_mirror import build_pickapic_mirror
 from spo.standins.scorers import build_scorer_standins
@@ -36,9 +38,9 @@ from spo.tracking.progress import no_library_bars
 PROFILES = ("sd15", "sdxl")
 MANIFEST = "standins.json"
 PARTS = {"sd15": "sd15", "sdxl": "sdxl", "sdxl_vae": "sdxl_vae_fp16_fix", "pickscore": "pickscore",
-         "pickapic": "pickapic", "scorers": "scorers"}
-NEEDS = {"sd15": ("sd15", "pickscore", "pickapic", "scorers"),
-         "sdxl": ("sdxl", "sdxl_vae", "pickscore", "pickapic", "scorers")}
+         "pickapic": "pickapic", "scorers": "scorers", "taesd": "taesd"}
+NEEDS = {"sd15": ("sd15", "pickscore", "pickapic", "scorers", "taesd"),
+         "sdxl": ("sdxl", "sdxl_vae", "pickscore", "pickapic", "scorers", "taesd")}
 SCORER_SOURCES = "sources.json"  # in DIR/scorers: each scorer's ScorerSource, paths relative to that dir
 
 
@@ -66,7 +68,8 @@ def _published_order(item: tuple[str, object]) -> int:
 
 BUILDERS: dict[str, Callable[..., Path]] = {"sd15": build_sd15, "sdxl": build_sdxl,
                                             "sdxl_vae": build_sdxl_fp16_fix_vae, "pickscore": build_pickscore,
-                                            "pickapic": build_pickapic_mirror, "scorers": build_scorers}
+                                            "pickapic": build_pickapic_mirror, "scorers": build_scorers,
+                                            "taesd": build_taesd}
 # Sizes that make a real profile's stages finish in minutes on a CPU with the stand-ins (values as YAML/Hydra
 # reads them: plain numbers and words).
 CPU_OVERRIDES = {
@@ -103,6 +106,7 @@ class StandIns:
     pickscore: Path | None
     pickapic: Path | None
     scorers: Path | None = None  # absent from manifests written before the scorers existed
+    taesd: Path | None = None  # likewise, before the scoring decoder
 
     def profiles(self) -> tuple[str, ...]:
         """The profiles these stand-ins can run."""

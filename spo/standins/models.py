@@ -166,6 +166,18 @@ def build_sdxl_fp16_fix_vae(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def build_taesd(out_dir: Path, seed: int = 0) -> Path:
+    """An AutoencoderTiny dir like madebyollin/taesd and taesdxl (one layout serves both: 4 latent channels,
+    8x up, scaling factor 1 so it reads the UNet's scaled latents) at toy width: the opt-in scoring decoder."""
+    from spo.models.scoring_decoder import tiny_decoder_like
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tiny_decoder_like(_vae(scaling_factor=0.18215, force_upcast=False), channels=8).save_pretrained(
+        out_dir, safe_serialization=True)
+    return out_dir
+
+
 def build_pickscore(out_dir: Path, seed: int = 0) -> Path:
     """A `CLIPModel` + `CLIPProcessor` dir like yuvalkirstain/PickScore_v1 with laion's ViT-H processor:
     a 224 px ViT (patch 32 to stay tiny; real: ViT-H/14), the trained logit scale, CLIP mean/std, bicubic."""

@@ -73,10 +73,10 @@ def _encode_pair(model: DiffusionModel, images_0: torch.Tensor, images_1: torch.
 
 
 @torch.no_grad()
-def noisy_x0_images(model: DiffusionModel, images_0: torch.Tensor, images_1: torch.Tensor, prompts: list[str],
-                    timesteps: torch.Tensor, guidance_scale: float,
-                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoded one-step x̂0 of both images of each pair, noised at t with the **same** noise.
+def noisy_x0_latents(model: DiffusionModel, images_0: torch.Tensor, images_1: torch.Tensor, prompts: list[str],
+                     timesteps: torch.Tensor, guidance_scale: float,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled one-step x̂0 latents (float32) of both images of each pair, noised at t with the **same** noise.
 
     The two images of a pair also share the VAE posterior noise (the published code drew it
     independently; the SD VAE's posterior std is tiny), so identical images give identical x̂0.
@@ -91,8 +91,17 @@ def noisy_x0_images(model: DiffusionModel, images_0: torch.Tensor, images_1: tor
     cond = model.encode_prompts(list(prompts), size)
     uncond = model.encode_negative(size)
     noise_pred = guided_noise_pred(model.unet, latents_t, timesteps_2, cond.repeat(2), uncond, guidance_scale)
-    x0_pred = predict_x0(model.scheduler, noise_pred.float(), timesteps_2, latents_t.float())
-    return model.decode_latents(x0_pred).chunk(2)
+    return predict_x0(model.scheduler, noise_pred.float(), timesteps_2, latents_t.float()).chunk(2)
+
+
+@torch.no_grad()
+def noisy_x0_images(model: DiffusionModel, images_0: torch.Tensor, images_1: torch.Tensor, prompts: list[str],
+                    timesteps: torch.Tensor, guidance_scale: float,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`noisy_x0_latents` decoded as the rollout decodes what the SPM scores (`decode_for_scoring`: the VAE
+    unless a fast scoring decoder is set), images in [-1, 1]."""
+    x0_0, x0_1 = noisy_x0_latents(model, images_0, images_1, prompts, timesteps, guidance_scale, generator)
+    return model.decode_for_scoring(torch.cat([x0_0, x0_1])).chunk(2)
 
 
 # ----------------------------------------------------------------------------------------------------

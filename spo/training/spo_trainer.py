@@ -62,7 +62,8 @@ class PairLogProbs:
 def rollout_settings(cfg: TrainSPOConfig) -> RolloutSettings:
     return RolloutSettings(num_inference_steps=cfg.num_inference_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
                            num_candidates=cfg.num_candidates, branch_start_step=cfg.branch_start_step,
-                           threshold=cfg.threshold, inner_steps=cfg.inner_steps)
+                           threshold=cfg.threshold, inner_steps=cfg.inner_steps,
+                           decode_batch_size=cfg.decode_batch_size)
 
 
 def pair_log_probs(model: DiffusionModel, pairs: StepPairs, cond: PromptConditioning, uncond: PromptConditioning,

@@ -120,6 +120,7 @@ class RolloutSettings:
     branch_start_step: int
     threshold: float
     inner_steps: int = 0  # MSPO: stochastic steps per candidate after branching, before scoring
+    decode_batch_size: int | None = None  # x̂0 images decoded and scored per call (memory); None = all B·K
 
 
 def select_best_worst(scores: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -133,13 +134,19 @@ def select_best_worst(scores: torch.Tensor, threshold: float) -> tuple[torch.Ten
 
 
 def _fp32_scores(model: DiffusionModel, x0_pred: torch.Tensor, prompt_index: torch.Tensor, timesteps: torch.Tensor,
-                 score_fn: ScoreFn) -> torch.Tensor:
-    """Decode, then score with autocast off: a bf16 SPM can flip keep/best/worst decisions near the
-    threshold (the published rollout scores in fp32)."""
-    images = model.decode_latents(x0_pred)
+                 score_fn: ScoreFn, batch_size: int | None = None) -> torch.Tensor:
+    """Decode (`decode_for_scoring`), then score with autocast off: a bf16 SPM can flip keep/best/worst
+    decisions near the threshold (the published rollout scores in fp32). `batch_size` images at a time
+    (None: all): the decoder's activations at 1024 px bound SDXL's memory, not the UNet's."""
     off = torch.autocast(model.device.type, enabled=False) if model.device.type in ("cuda", "cpu") else nullcontext()
-    with off:
-        return score_fn(images.float(), prompt_index, timesteps).float()
+    step = batch_size or x0_pred.shape[0]
+    scores = []
+    for start in range(0, x0_pred.shape[0], step):
+        rows = slice(start, start + step)
+        images = model.decode_for_scoring(x0_pred[rows])
+        with off:
+            scores.append(score_fn(images.float(), prompt_index[rows], timesteps[rows]).float())
+    return torch.cat(scores)
 
 
 def prompt_generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -202,7 +209,8 @@ def rollout_pairs(model: DiffusionModel, cond: PromptConditioning, uncond: Promp
             x0_pred, score_t = predict_x0(scheduler, cand_noise, timesteps[end], flat), int(timesteps[end])
         else:
             cand_noise, x0_pred, score_t = None, flat, 0
-        scores = _fp32_scores(model, x0_pred, ids_k, torch.full((b * k,), score_t, device=device), score_fn).view(b, k)
+        scores = _fp32_scores(model, x0_pred, ids_k, torch.full((b * k,), score_t, device=device), score_fn,
+                              settings.decode_batch_size).view(b, k)
         best, worst, keep = select_best_worst(scores, settings.threshold)
         rows = keep.nonzero()[:, 0]
         for x_t, x_prev, index in chain:
