@@ -4,6 +4,7 @@
     spo profile list | show | use NAME
     spo fixtures build DIR [--profile sd15|sdxl|all]                          (stand-ins of the real models)
     spo export --merged OUT [--base BASE] [--lora DIR | --unet DIR] [--vae VAE]   (one diffusers pipeline dir)
+    spo distill-decoder OUT [--steps N]          (a tiny scoring decoder for train_spo.scoring_decoder)
     spo pipeline compile|submit|run-local [...]                              (pipelines/cli.py; needs kfp)
 
 Stage and pipeline modules are imported only when asked for, so `spo profile` stays fast and `spo/`
@@ -48,6 +49,8 @@ commands:
   fixtures build DIR [--profile sd15|sdxl|all]   write tiny stand-ins of the real models and Pick-a-Pic to DIR
   export --merged OUT [--base BASE] [--lora DIR | --unet DIR] [--vae VAE]
                   write the base pipeline with the SPO LoRA fused (or a full UNet swapped in) to OUT
+  distill-decoder OUT [--steps N]   distil a tiny x̂0 decoder from the base model's VAE (opt-in fast scoring:
+                  -S train_spo.scoring_decoder=OUT; real models use madebyollin/taesd or taesdxl)
   pipeline compile | submit | run-local   compile, submit or locally run the Kubeflow pipeline
 """
 
@@ -162,6 +165,9 @@ def fixtures_main(argv: list[str]) -> int:
         sets = " ".join(f"-S {shlex.quote(item)}" for item in profile_overrides(standins, profile))
         print(f"\n# {profile} on the stand-ins (CPU, minutes):")
         print(f"spo profile use {profile} {sets} && dvc repro")
+    if standins.taesd is not None:
+        decoder = shlex.quote(f'train_spo.scoring_decoder="{standins.taesd}"')  # quoted as the paths above
+        print(f"\n# opt-in fast scoring (TAESD's stand-in decodes what the SPM scores), add: -S {decoder}")
     return 0
 
 
@@ -199,6 +205,35 @@ def export_main(argv: list[str]) -> int:
     return 0
 
 
+def distill_main(argv: list[str]) -> int:
+    """`spo distill-decoder OUT`: the tiny scoring decoder of the active params' base model."""
+    from spo.training.decoder_distillation import DistillSettings
+
+    defaults = DistillSettings()
+    parser = argparse.ArgumentParser(prog="spo distill-decoder",
+                                     description="Distil an AutoencoderTiny decoder from the base model's VAE on the "
+                                                 "x̂0 latents the SPM scores (for train_spo.scoring_decoder).")
+    parser.add_argument("out", type=Path, help="output directory (diffusers AutoencoderTiny + distillation.json)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--prepared-dir", type=Path, default=DEFAULT_PREPARED_DIR)
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    args = parser.parse_args(argv)
+    cfg = load_config(args.params)
+    from spo.training.decoder_distillation import distill_for_config  # torch/diffusers: only when asked
+
+    settings = DistillSettings(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                               guidance_scale=cfg.train_spo.guidance_scale, seed=args.seed)
+    report = distill_for_config(cfg, args.prepared_dir, args.out, settings)
+    psnr = ", ".join(f"{t} {v:.1f}" for t, v in report["psnr_db_vs_vae"].items())
+    print(f"{args.out}: {report['parameters']['decoder']:,} decoder parameters (the VAE's: "
+          f"{report['parameters']['vae_decoder']:,}); PSNR vs the VAE (dB): {psnr}")
+    print(f"use it: dvc exp run -S train_spo.scoring_decoder={args.out}")
+    return 0
+
+
 def _pipeline_cli():
     if importlib.util.find_spec("kfp") is None:  # spo/ never imports kfp itself
         raise SystemExit('spo pipeline: kfp is not installed; pip install -e ".[pipeline]"')
@@ -221,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             return fixtures_main(rest)
         if command == "export":
             return export_main(rest)
+        if command == "distill-decoder":
+            return distill_main(rest)
         if command == "pipeline":
             return _pipeline_cli().main(rest) or 0
     except ConfigError as err:
