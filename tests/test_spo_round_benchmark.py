@@ -11,10 +11,12 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import spo_round  # noqa: E402
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
-def test_ours_and_published_keep_the_same_pairs_and_losses(arch, tmp_path, capsys):
+@pytest.mark.parametrize("arch,options", [("sd15", []), ("sdxl", []),
+                                          ("sd15", ["--channels-last", "--decode-batch", "2"])])
+def test_ours_and_published_keep_the_same_pairs_and_losses(arch, options, tmp_path, capsys):
     out = spo_round.main(["--device", "cpu", "--arch", arch, "--prompts", "2", "--steps", "6", "--candidates", "3",
-                          "--pairs-per-batch", "4", "--out", str(tmp_path / "round.json")])
+                          "--pairs-per-batch", "4", "--out", str(tmp_path / "round.json"), *options])
+    assert out["same_maths"] and out["ours_options"]["channels_last"] == bool(options)
     ours, published = out["structures"]["ours"], out["structures"]["published"]
     assert ours["kept_pairs_per_round"] == published["kept_pairs_per_round"] > 0  # threshold 0 keeps every scored step
     for a, b in zip(ours["pairs"], published["pairs"], strict=True):
@@ -30,6 +32,11 @@ def test_ours_and_published_keep_the_same_pairs_and_losses(arch, tmp_path, capsy
     work = 2 if arch == "sd15" else 1
     assert published["unet_samples_per_round"]["training"] == work * ours["unet_samples_per_round"]["training"]
     assert ours["unet_samples_per_round"]["sampling"] == published["unet_samples_per_round"]["sampling"]
+    # the published rollout decodes each candidate on its own; ours the step's 2 prompts x 3 candidates at once
+    # (or --decode-batch 2 at a time)
+    scored = published["candidates_scored_per_round"]
+    assert scored == ours["candidates_scored_per_round"] > 0 and published["vae_decode_calls_per_round"] == scored
+    assert ours["vae_decode_calls_per_round"] == scored // (2 * 3) * (3 if options else 1)
     table = capsys.readouterr().out
     assert "ours vs published:" in table and "published" in table
     assert json.loads((tmp_path / "round.json").read_text())["speedup_ours_vs_published"] == out["speedup_ours_vs_published"]
@@ -44,3 +51,32 @@ def test_spm_step_benchmark_runs_the_stages_code_and_accounts_for_the_step(tmp_p
     assert sum(parts.values()) <= out["seconds_per_step"] * 1.01  # the parts are inside the step
     assert out["pairs_per_second"] == pytest.approx(2 / out["seconds_per_step"])
     assert json.loads((tmp_path / "spm.json").read_text())["pairs_per_step"] == 2
+
+
+def test_real_size_configs_have_the_published_parameter_counts():
+    """--size real builds these (random init, no downloads): the counts of the published checkpoints, counted
+    on the meta device (no memory)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection
+
+    def count(build):
+        with torch.device("meta"):
+            return sum(p.numel() for p in build().parameters())
+
+    assert count(lambda: UNet2DConditionModel(**spo_round.sd15_unet_config())) == 859_520_964
+    assert count(lambda: UNet2DConditionModel(**spo_round.sdxl_unet_config())) == 2_567_463_684
+    assert count(lambda: AutoencoderKL(**spo_round.sd15_vae_config())) == 83_653_863
+    assert count(lambda: AutoencoderKL(**spo_round.sdxl_vae_config())) == 83_653_863
+    assert count(lambda: CLIPTextModel(spo_round.clip_l_text_config())) == 123_060_480
+    assert count(lambda: CLIPTextModelWithProjection(spo_round.openclip_bigg_text_config())) == 694_659_840
+    assert count(lambda: CLIPModel(spo_round.pickscore_clip_config())) == 986_109_441  # PickScore_v1 (ViT-H/14)
+
+
+def test_fast_scoring_round_runs_and_says_its_pairs_differ(tmp_path, capsys):
+    out = spo_round.main(["--device", "cpu", "--prompts", "2", "--steps", "6", "--candidates", "3",
+                          "--scoring-decoder", "tiny", "--structure", "ours"])
+    assert out["ours_options"]["scoring_decoder"] == "AutoencoderTiny" and not out["same_maths"]
+    assert out["structures"]["ours"]["kept_pairs_per_round"] > 0
+    assert out["structures"]["ours"]["breakdown_s"]["x0_decode"] > 0  # the tiny decoder's time is the decode's
+    assert out["structures"]["ours"]["vae_decode_calls_per_round"] == 0
