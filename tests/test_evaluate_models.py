@@ -61,7 +61,11 @@ def test_lora_and_full_unet_by_path_sample_what_they_name_and_restarts_skip_fini
     reference.unet = perturbed_unet
     expected = to_pil(sample_images(reference, [s.prompt for s in SAMPLES], [s.seed for s in SAMPLES],
                                     resolution=RESOLUTION, num_inference_steps=STEPS, guidance_scale=5.0))
-    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(pixels["dpo_unet"], expected))
+    # to one 8-bit level: the stage samples in batches of 2, this reference all 3 at once, and a batch's
+    # float rounding can move a pixel across a level (one pixel of one image, measured)
+    for a, b in zip(pixels["dpo_unet"], expected, strict=True):
+        diff = np.abs(a.astype(int) - np.asarray(b).astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
     for name in ("spo_lora", "dpo_unet"):  # each model samples its own weights, not the base's
         assert all(np.abs(a.astype(int) - b.astype(int)).mean() > 1 for a, b in zip(pixels[name], pixels["base"]))
 
