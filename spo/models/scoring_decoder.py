@@ -13,6 +13,8 @@ Only scoring uses it; training pairs, log-probs and evaluation images are unchan
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,6 +40,20 @@ def _config(location: str) -> dict:
     return dict(AutoencoderTiny.load_config(location))
 
 
+@contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """diffusers' AutoencoderTiny saves a `block_out_channels` its own loader then warns it ignores, on
+    every run; its warnings are silenced for the load (errors still raise)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
 def upsampling_factor(decoder: ScoringDecoder) -> int:
     """Image pixels per latent pixel along a side."""
     if isinstance(decoder, AutoencoderTiny):
@@ -54,7 +70,7 @@ def load_scoring_decoder(location: str, vae: AutoencoderKL, *, dtype: torch.dtyp
     if class_name not in DECODER_CLASSES:
         raise ConfigError(f"train_spo.scoring_decoder: {location} is a {class_name!r}; supported: "
                          f"{', '.join(DECODER_CLASSES)}")
-    with no_library_bars(location):
+    with no_library_bars(location), _quiet_diffusers():
         decoder = DECODER_CLASSES[class_name].from_pretrained(location, torch_dtype=dtype)
     if decoder.config.latent_channels != vae.config.latent_channels:
         raise ConfigError(f"train_spo.scoring_decoder: {location} reads {decoder.config.latent_channels} latent "
