@@ -236,9 +236,7 @@ def with_structure(model: DiffusionModel, structure: str, options: OursOptions) 
     fields["scoring_decoder"] = options.scoring_decoder if structure == "ours" else None
     model = PerCandidateDecode(**fields) if structure == "published" else DiffusionModel(**fields)
     channels_last = structure == "ours" and options.channels_last
-    for net in (model.unet, model.vae, model.scoring_decoder):
-        if net is not None:
-            net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model.to_memory_format(torch.channels_last if channels_last else torch.contiguous_format)
     return model
 
 

@@ -23,7 +23,7 @@ def step_grads(model_dir, pairs, **options):
     model = load_diffusion_model(str(model_dir))
     cfg = dataclasses.replace(CFG, grad_clip=0.0, **options)
     if cfg.channels_last:
-        model.to_channels_last()
+        model.to_memory_format(torch.channels_last)
     torch.manual_seed(0)
     params, reference = prepare_unet(model, cfg)
     if not cfg.full_finetune:

@@ -111,12 +111,12 @@ class DiffusionModel:
         """Scaled latents (any dtype) -> images in [-1, 1] (float32). Not no_grad: callers choose."""
         return _decode(self.vae, latents)
 
-    def to_channels_last(self) -> None:
-        """UNet, VAE and scoring decoder in channels-last memory format: the same maths, and the layout
+    def to_memory_format(self, memory_format: torch.memory_format) -> None:
+        """UNet, VAE and scoring decoder in `memory_format`. Channels-last is the same maths, in the layout
         CUDA's convolution kernels (cuDNN NHWC, tensor cores) run fastest in."""
         for net in (self.unet, self.vae, self.scoring_decoder):
             if net is not None:
-                net.to(memory_format=torch.channels_last)
+                net.to(memory_format=memory_format)
 
     def decode_for_scoring(self, latents: torch.Tensor) -> torch.Tensor:
         """The images the SPM scores: `decode_latents`, or the opt-in `scoring_decoder`'s decode of the same

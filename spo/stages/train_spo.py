@@ -125,7 +125,7 @@ def run(cfg: Config, *, prepared_dir: Path, spm_dir: Path, out_dir: Path, tracke
         model.scoring_decoder = load_scoring_decoder(spo_cfg.scoring_decoder, model.vae, dtype=model.vae.dtype,
                                                      device=device)
     if spo_cfg.channels_last:
-        model.to_channels_last()
+        model.to_memory_format(torch.channels_last)
     spm = StepAwarePreferenceModel.from_pretrained(str(spm_dir / "model")).to(device).eval().requires_grad_(False)
     prompts = read_prompts(prepared_dir / TRAIN_PROMPTS_FILE, spo_cfg.max_prompts)
     params, reference = prepare_unet(model, spo_cfg)
